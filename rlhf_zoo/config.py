@@ -1,0 +1,107 @@
+"""Configuration: frozen dataclasses whose fields carry help text.
+
+An algorithm's config derives from `AlgoConfig`. Each field becomes a ``zoo run ALGO`` option and a
+key of a config file; ``presets`` maps a preset name to field overrides (``quick`` is a run of under a
+minute on two CPU cores). Validation happens in ``__post_init__`` and raises `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, get_args, get_origin
+
+from rlhf_zoo.errors import ConfigError
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with help text (shown by ``zoo run ALGO --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """Fields every algorithm has. Algorithms add their own in a subclass."""
+
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    eval_prompts: int = option(64, "Held-out prompts used for the final evaluation.")
+    eval_samples: int = option(4, "Responses sampled per evaluation prompt.")
+    max_new_tokens: int = option(0, "Response length cap in tokens (0: the task's default).")
+    temperature: float = option(1.0, "Sampling temperature (log-probs are taken at this temperature).")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(type(self), f.name, getattr(self, f.name))
+        check_positive(self, "eval_prompts", "eval_samples", "temperature")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], preset: str | None = None) -> AlgoConfig:
+        """Build a config from a preset and overrides; unknown keys raise `ConfigError`."""
+        merged: dict[str, Any] = {}
+        if preset not in (None, "default"):
+            if preset not in cls.presets:
+                known = ", ".join(["default", *sorted(cls.presets)])
+                raise ConfigError(f"unknown preset {preset!r} for {cls.__name__}; known: {known}")
+            merged.update(cls.presets[preset])
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        merged.update({k: v for k, v in values.items() if v is not None})
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def check_range(cfg: Any, name: str, low: float, high: float) -> None:
+    value = getattr(cfg, name)
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value!r}")
+
+
+def field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _check_type(cls: type, name: str, value: Any) -> None:
+    expected = field_type(cls, name)
+    if not _matches(expected, value):
+        raise ConfigError(f"{name} must be of type {_type_name(expected)}, got {value!r}")
+
+
+def _matches(tp: Any, value: Any) -> bool:
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(a, value) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))

@@ -1,0 +1,75 @@
+"""Batched sampling with a KV cache: the agent's side of a rollout.
+
+One forward over the (left-padded) prompts fills the cache, then one single-token forward per step.
+Log-probs are recorded with `logprobs_from_logits`, the same function trainers use, so they match a
+later forward at the same temperature. Rows that have produced EOS keep emitting pad with mask 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from rlhf_zoo.ops.logprobs import adjust_logits
+from rlhf_zoo.ops.masking import position_ids_from_mask
+
+
+@dataclass
+class Samples:
+    """Responses for a batch of prompts.  All tensors (B, T) except ``finished`` (B,)."""
+
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor  # 1 on real response tokens, EOS included
+    logprobs: torch.Tensor  # 0 where the mask is 0
+    finished: torch.Tensor  # True where the row produced EOS
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    suppress_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """Sample one response per (left-padded) prompt row.  prompt_ids, prompt_mask: (B, P)."""
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    cache = DynamicCache()
+    attn = prompt_mask.long()
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
+                past_key_values=cache, use_cache=True)
+    next_logits = out.logits[:, -1]  # (B, V)
+    next_pos = attn.sum(-1, keepdim=True)  # (B, 1): position of the first response token
+    ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(adjust_logits(next_logits, temperature, suppress_ids), dim=-1)  # (B, V)
+        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+        alive = ~finished
+        ids[:, t] = torch.where(alive, token, pad_token_id)
+        mask[:, t] = alive.long()
+        logprobs[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
+        finished = finished | (alive & (token == eos_token_id))
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, mask[:, t : t + 1]], dim=1)
+        out = model(input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return Samples(ids, mask, logprobs, finished)

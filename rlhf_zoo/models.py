@@ -1,0 +1,104 @@
+"""Model building, loading and the reward-model head.
+
+Policies are Hugging Face causal LMs; reward models are Hugging Face ``*ForSequenceClassification``
+models with one label, saved and loaded in the usual format (safetensors). The score of a sequence is
+read at its last real token from the attention mask, never from ``id == pad`` (pad may equal eos).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, PreTrainedModel
+
+from rlhf_zoo.ops.masking import last_true_index, position_ids_from_mask
+
+
+def tiny_llama_config(
+    vocab_size: int,
+    *,
+    pad_token_id: int,
+    bos_token_id: int,
+    eos_token_id: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 128,
+) -> LlamaConfig:
+    """A few-layer Llama with dropout 0, small enough to train on two CPU cores in seconds."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_positions,
+        attention_dropout=0.0,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def new_causal_lm(config: LlamaConfig, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def new_reward_model(config: LlamaConfig, seed: int) -> PreTrainedModel:
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(
+        _one_label(config), attn_implementation="eager"
+    ).eval()
+
+
+def reward_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
+    """A reward model whose trunk starts from the policy's weights (InstructGPT initialises the RM from
+    the SFT model); the scalar head starts at zero so initial scores are 0."""
+    rm = AutoModelForSequenceClassification.from_config(_one_label(policy.config), attn_implementation="eager")
+    rm.base_model.load_state_dict(policy.base_model.state_dict())
+    torch.nn.init.zeros_(_score_head(rm).weight)
+    return rm.eval()
+
+
+def _one_label(config):
+    values = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id")}
+    return config.__class__.from_dict({**values, "num_labels": 1})
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        path, trust_remote_code=trust_remote_code, attn_implementation="eager", dtype=torch.float32
+    )
+    return model.to(device).eval()
+
+
+def load_reward_model(
+    path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> PreTrainedModel:
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, trust_remote_code=trust_remote_code, attn_implementation="eager", dtype=torch.float32
+    )
+    return model.to(device).eval()
+
+
+def _score_head(model: PreTrainedModel) -> torch.nn.Module:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise TypeError(f"{type(model).__name__} has no scalar head named score, classifier or v_head")
+
+
+def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar score of each row, read at its last real token.  (B, T) -> (B,) fp32."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state  # (B, T, H)
+    last = last_true_index(attention_mask).clamp(min=0)  # (B,)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return _score_head(model)(pooled).squeeze(-1).float()

@@ -1,0 +1,207 @@
+"""Plugin discovery: entry points of group ``rlhf_zoo`` -> pluggy -> named algorithms, tasks, rewards.
+
+Built-in algorithms and tasks are ordinary entry points of the ``rlhf-zoo`` distribution, loaded by the
+same path as third-party ones. Controls (environment variables):
+
+- ``RLHF_ZOO_DISABLE_PLUGIN_AUTOLOAD=1``: load only the entry points of the ``rlhf-zoo`` distribution.
+- ``RLHF_ZOO_BLOCK_PLUGINS=name1,name2``: skip those entry points (by entry-point name).
+
+A plugin that fails to import, or whose registration hook raises, is recorded in
+`Registry.load_errors` and skipped; everything else keeps working. Two plugins registering one name
+raise `DuplicateNameError`.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from rlhf_zoo import hookspecs
+from rlhf_zoo.errors import DuplicateNameError, UnknownNameError
+
+ENTRY_POINT_GROUP = "rlhf_zoo"
+CORE_DISTRIBUTION = "rlhf-zoo"
+ENV_DISABLE_AUTOLOAD = "RLHF_ZOO_DISABLE_PLUGIN_AUTOLOAD"
+ENV_BLOCK = "RLHF_ZOO_BLOCK_PLUGINS"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A trainable method.
+
+    Attributes:
+        name: what ``zoo run NAME`` takes.
+        config_cls: a frozen dataclass derived from `rlhf_zoo.config.AlgoConfig`; its fields become
+            the command-line options.
+        train: ``train(ctx: RunContext, config) -> Policy``. The runner owns seeding, device,
+            evaluation, logging and saving; ``train`` owns only the algorithm.
+        description: one line for ``zoo list``.
+    """
+
+    name: str
+    config_cls: type
+    train: Callable[..., Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A world with a gold reward. ``load(seed, cache_dir, progress) -> Task`` builds it if missing."""
+
+    name: str
+    load: Callable[..., Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class RewardFunctionSpec:
+    """A named reward: ``factory(task) -> RewardFunction``."""
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a plugin came from: the entry-point name, its distribution and version."""
+
+    name: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class LoadError:
+    plugin: str
+    distribution: str
+    error: str
+    traceback: str = field(repr=False, default="")
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, with the plugin that provided each name."""
+
+    algorithms: dict[str, Algorithm] = field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    reward_functions: dict[str, RewardFunctionSpec] = field(default_factory=dict)
+    provided_by: dict[tuple[str, str], PluginInfo] = field(default_factory=dict)  # (kind, name) -> plugin
+    plugins: list[PluginInfo] = field(default_factory=list)
+    load_errors: list[LoadError] = field(default_factory=list)
+    manager: pluggy.PluginManager | None = None
+
+    def algorithm(self, name: str) -> Algorithm:
+        return _lookup(self.algorithms, name, "algorithm")
+
+    def task(self, name: str) -> TaskSpec:
+        return _lookup(self.tasks, name, "task")
+
+    def reward_function(self, name: str) -> RewardFunctionSpec:
+        return _lookup(self.reward_functions, name, "reward function")
+
+    def _add(self, kind: str, table: dict[str, Any], item: Any, plugin: PluginInfo) -> None:
+        name = item.name
+        if name in table:
+            first = self.provided_by[(kind, name)]
+            raise DuplicateNameError(
+                f"{kind} {name!r} is registered twice: by plugin {first.name!r} ({first.distribution}) "
+                f"and by plugin {plugin.name!r} ({plugin.distribution})"
+            )
+        table[name] = item
+        self.provided_by[(kind, name)] = plugin
+
+
+def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
+    if name not in table:
+        known = ", ".join(sorted(table)) or "(none)"
+        raise UnknownNameError(f"unknown {kind} {name!r}; known: {known}")
+    return table[name]
+
+
+def _blocked() -> set[str]:
+    return {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
+
+
+def _entry_point_dist(ep: metadata.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "unknown", "unknown"
+    return dist.metadata["Name"], dist.version
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
+    """Load every entry point of group ``rlhf_zoo`` (honouring the env controls) into a fresh registry.
+
+    Args:
+        extra_plugins: name -> plugin object registered in addition (tests, notebooks).
+    """
+    reg = Registry(manager=_new_manager())
+    pm = reg.manager
+    autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() not in {"1", "true", "yes"}
+    blocked = _blocked()
+    seen: set[str] = set()
+    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist, version = _entry_point_dist(ep)
+        if ep.name in blocked or ep.name in seen:
+            continue
+        if not autoload and dist.lower().replace("_", "-") != CORE_DISTRIBUTION:
+            continue
+        seen.add(ep.name)
+        info = PluginInfo(ep.name, dist, version)
+        try:
+            module = ep.load()
+            pm.register(module, name=ep.name)
+        except Exception as exc:  # a broken plugin must not break the others
+            reg.load_errors.append(LoadError(ep.name, dist, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            continue
+        reg.plugins.append(info)
+    for name, obj in (extra_plugins or {}).items():
+        pm.register(obj, name=name)
+        reg.plugins.append(PluginInfo(name, "local", "unknown"))
+    pm.check_pending()
+    infos = {p.name: p for p in reg.plugins}
+    hooks = (
+        ("algorithm", "register_algorithms", reg.algorithms),
+        ("task", "register_tasks", reg.tasks),
+        ("reward function", "register_reward_functions", reg.reward_functions),
+    )
+    for kind, hook_name, table in hooks:
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            info = infos[impl.plugin_name]
+
+            def register(item: Any, _kind: str = kind, _table: dict = table, _info: PluginInfo = info) -> None:
+                reg._add(_kind, _table, item, _info)
+
+            try:
+                impl.function(register=register)
+            except DuplicateNameError:
+                raise
+            except Exception as exc:
+                reg.load_errors.append(
+                    LoadError(info.name, info.distribution, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                )
+    return reg
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The process-wide registry, built on first use."""
+    global _REGISTRY
+    if _REGISTRY is None or refresh:
+        _REGISTRY = build_registry()
+    return _REGISTRY
