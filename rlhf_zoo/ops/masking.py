@@ -13,16 +13,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() if dim is None else (x * m).sum(dim)
+    """Sum over counted tokens. Uncounted values are replaced, not multiplied by 0, so an inf or NaN
+    there (the log-prob of a suppressed pad id) cannot leak in."""
+    x = torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return x.sum() if dim is None else x.sum(dim)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean over counted tokens; 0 (not NaN) where nothing counts."""
-    m = mask.to(x.dtype)
-    total = (x * m).sum() if dim is None else (x * m).sum(dim)
-    count = m.sum() if dim is None else m.sum(dim)
-    return total / count.clamp(min=1.0)
+    count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1.0)
 
 
 def last_true_index(mask: torch.Tensor) -> torch.Tensor:

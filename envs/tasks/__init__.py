@@ -1,0 +1,1 @@
+"""The built-in offline tasks: ``exact``, ``sentiment`` (the default) and ``hh``."""

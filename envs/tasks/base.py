@@ -1,0 +1,218 @@
+"""What a task is: a world with its own tokenizer, SFT policy, reward model(s) and gold reward.
+
+A `Task` is built once (see `rlhf_zoo_envs.tasks.build`) and cached on disk in Hugging Face format; this
+module only describes and loads it. Text conventions: a prompt and a response are strings of
+space-separated words of the task's language; a response's text never includes the EOS token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from rlhf_zoo.models import load_policy, load_reward_model, reward_scores
+
+
+class Language(Protocol):
+    """The programmatic side of a task: its words, how text is drawn, and the gold reward.
+
+    All randomness comes from the ``rng`` passed in (``numpy.random.Generator``), so a task is a pure
+    function of its seed.
+    """
+
+    #: words of the language (special tokens excluded)
+    words: Sequence[str]
+    #: names of the gold objectives; the first is the one summary.json reports as ``gold_reward``
+    objectives: Sequence[str]
+
+    def pretrain_text(self, rng: np.random.Generator) -> str:
+        """One document of the pretraining corpus (prompt-like prefix and continuation together)."""
+
+    def prompt(self, rng: np.random.Generator) -> str:
+        """One RL / evaluation prompt."""
+
+    def demonstration(self, prompt: str, rng: np.random.Generator) -> str:
+        """A response a human demonstrator would write for ``prompt`` (SFT data)."""
+
+    def gold(self, prompt: str, response: str) -> dict[str, float]:
+        """Gold reward(s) of ``response`` to ``prompt``; keys = ``objectives``. Higher is better."""
+
+
+class RewardFunction(Protocol):
+    """Scores whole sequences ``[prompt (left-padded to P) | response (right-padded)]``."""
+
+    name: str
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        """(B, L), (B, L), P -> scores (B,) fp32."""
+
+
+@dataclass
+class ModelReward:
+    """A learned reward model (the proxy)."""
+
+    model: PreTrainedModel
+    name: str = "proxy"
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        return reward_scores(self.model, input_ids, attention_mask)
+
+
+@dataclass
+class GoldReward:
+    """The programmatic gold reward as a `RewardFunction` (decodes the text, then scores it)."""
+
+    task: Task
+    objective: str | None = None
+    name: str = "gold"
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> torch.Tensor:
+        prompts = self.task.decode(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])
+        responses = self.task.decode(input_ids[:, prompt_length:], attention_mask[:, prompt_length:])
+        values = self.task.gold(prompts, responses)[self.objective or self.task.objectives[0]]
+        return torch.as_tensor(values, dtype=torch.float32, device=input_ids.device)
+
+
+@dataclass
+class Task:
+    """A built task, loaded from its cache directory.
+
+    Attributes:
+        name, seed: which world (the task seed fixes everything the build draws).
+        path: the artifact directory (tokenizer/, sft/, reward models, data/, manifest.json).
+        language: gold reward and text generators.
+        max_new_tokens: the default response length cap.
+        beta: the default KL coefficient of the environment's reward.
+        missing_eos_penalty: subtracted from the score of a response that hit the cap without EOS.
+        reward_models: names of the reward-model directories (``reward``; ``hh``: ``helpful``, ``safety``).
+        manifest: what the build measured (RM held-out accuracy, timings, sizes).
+    """
+
+    name: str
+    seed: int
+    path: Path
+    language: Any
+    max_new_tokens: int
+    beta: float
+    missing_eos_penalty: float
+    reward_models: tuple[str, ...] = ("reward",)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    env_reward_default: str = "proxy"  # "proxy" (the learned RM) or "gold" (exact uses the gold reward)
+
+    @classmethod
+    def from_dir(cls, path: Path, language: Any, **kwargs: Any) -> Task:
+        manifest = json.loads((path / "manifest.json").read_text())
+        return cls(path=path, language=language, manifest=manifest, **kwargs)
+
+    # --- text <-> ids -------------------------------------------------------------------------------
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return PreTrainedTokenizerFast.from_pretrained(self.path / "tokenizer")
+
+    @property
+    def objectives(self) -> Sequence[str]:
+        return self.language.objectives
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def suppress_ids(self) -> list[int]:
+        """Ids that are never valid actions: bos, unk, and pad when it differs from eos."""
+        tok = self.tokenizer
+        ids = {tok.bos_token_id, tok.unk_token_id}
+        if tok.pad_token_id != tok.eos_token_id:
+            ids.add(tok.pad_token_id)
+        return sorted(i for i in ids if i is not None)
+
+    def encode_prompts(self, prompts: Sequence[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded prompt ids with BOS first.  -> ids (B, P), mask (B, P)."""
+        tok = self.tokenizer
+        rows = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
+        return _pad(rows, tok.pad_token_id, left=True, device=device)
+
+    def encode_responses(
+        self, responses: Sequence[str], max_len: int | None = None, device: str | torch.device = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded response ids with EOS appended (cut at ``max_len``).  -> ids (B, T), mask (B, T)."""
+        tok = self.tokenizer
+        rows = [[*tok.encode(r, add_special_tokens=False), tok.eos_token_id] for r in responses]
+        if max_len is not None:
+            rows = [r[:max_len] for r in rows]
+        return _pad(rows, tok.pad_token_id, left=False, device=device, min_len=max_len or 0)
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        """Text of each row's real tokens, special tokens dropped."""
+        special = set(self.tokenizer.all_special_ids)
+        out = []
+        for row, m in zip(ids.tolist(), mask.tolist(), strict=True):
+            words = [i for i, keep in zip(row, m, strict=True) if keep and i not in special]
+            out.append(self.tokenizer.decode(words))
+        return out
+
+    # --- data ---------------------------------------------------------------------------------------
+    def prompts(self, split: str) -> list[str]:
+        """``train`` (RL prompts) or ``eval`` (held-out evaluation prompts)."""
+        return json.loads((self.path / "data" / f"prompts_{split}.json").read_text())
+
+    def dataset(self, name: str) -> Any:
+        """A saved `datasets.Dataset`: ``pretrain``, ``sft``, ``rankings``, ``pairs`` (and per-RM
+        variants on ``hh``: ``rankings_helpful``, ``rankings_safety``, ...)."""
+        import datasets
+
+        return datasets.load_from_disk(str(self.path / "data" / name))
+
+    # --- models and rewards -------------------------------------------------------------------------
+    def load_policy(self, device: str | torch.device = "cpu") -> PreTrainedModel:
+        """The SFT policy (also the reference policy)."""
+        return load_policy(self.path / "sft", device)
+
+    def load_reward_model(self, name: str = "reward", device: str | torch.device = "cpu") -> PreTrainedModel:
+        return load_reward_model(self.path / name, device)
+
+    def reward_function(self, kind: str | None = None, device: str | torch.device = "cpu") -> RewardFunction:
+        """The reward the environment pays: ``proxy`` (learned RM(s)) or ``gold``; default per task."""
+        kind = kind or self.env_reward_default
+        if kind == "gold":
+            return GoldReward(self)
+        if kind == "proxy":
+            return self.proxy_reward(device)
+        raise ValueError(f"unknown reward kind {kind!r}; known: proxy, gold")
+
+    def proxy_reward(self, device: str | torch.device = "cpu") -> RewardFunction:
+        return ModelReward(self.load_reward_model("reward", device))
+
+    def gold(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+        """Gold objectives for each pair.  -> {objective: (B,) float64}"""
+        values = [self.language.gold(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return {k: np.array([v[k] for v in values], dtype=np.float64) for k in self.objectives}
+
+
+def _pad(
+    rows: list[list[int]], pad_id: int, left: bool, device: str | torch.device, min_len: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max([min_len, *map(len, rows)])
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if not r:
+            continue
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    return ids.to(device), mask.to(device)

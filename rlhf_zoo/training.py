@@ -1,0 +1,190 @@
+"""The supervised stages of the pipeline: language-model training (pretraining, SFT) and reward-model
+training. The task builder and the ``sft`` / ``reward-model`` plugins both use these loops.
+
+Rows are lists of token ids; batches are built here with right padding, position ids from the mask.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_zoo.models import reward_scores
+from rlhf_zoo.ops.logprobs import logprobs_from_logits
+from rlhf_zoo.ops.masking import masked_mean, position_ids_from_mask
+from rlhf_zoo.ops.ranking import pair_indices, ranking_loss
+
+
+@dataclass(frozen=True)
+class LMRow:
+    """One training sequence: ``ids`` and which of its tokens the loss counts (True = counts)."""
+
+    ids: list[int]
+    loss_mask: list[bool]
+
+
+def lm_row(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> LMRow:
+    """Prompt + completion with the loss on the completion only (SFT; InstructGPT sec. 3.5)."""
+    return LMRow([*prompt_ids, *completion_ids], [False] * len(prompt_ids) + [True] * len(completion_ids))
+
+
+def collate_lm(rows: Sequence[LMRow], pad_id: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    width = max(len(r.ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.ids)] = torch.tensor(r.ids)
+        attn[i, : len(r.ids)] = 1
+        loss_mask[i, : len(r.ids)] = torch.tensor(r.loss_mask)
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], suppress_ids: Sequence[int] = ()) -> torch.Tensor:
+    """Mean negative log-likelihood of the counted tokens (token t predicted from tokens < t)."""
+    attn = batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
+    logp = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:], suppress_ids=suppress_ids)  # (B, T-1)
+    return masked_mean(-logp, batch["loss_mask"][:, 1:])
+
+
+def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Indices for ``steps`` batches: shuffled epochs, the last batch of an epoch may be short."""
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=generator)
+        out.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+    return out[:steps]
+
+
+def fit(
+    model: torch.nn.Module,
+    n_rows: int,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str,
+    progress: bool = True,
+    warmup_steps: int = 0,
+) -> list[float]:
+    """AdamW with linear warmup and cosine decay; ``loss_fn(indices) -> loss``. Returns the losses."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps  # 1) linear warmup
+        t = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))  # 2) cosine decay to 10%
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    losses = []
+    bar = tqdm(_batches(n_rows, batch_size, steps, gen), desc=desc, disable=not progress, leave=False)
+    for idx in bar:
+        loss = loss_fn(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses
+
+
+def train_lm(
+    model: torch.nn.Module,
+    rows: Sequence[LMRow],
+    *,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    desc: str = "train",
+    suppress_ids: Sequence[int] = (),
+    progress: bool = True,
+) -> list[float]:
+    """Pretraining (loss on every token after BOS) or SFT (loss on the completion), by the rows' masks."""
+    device = next(model.parameters()).device
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        return lm_loss(model, collate_lm([rows[i] for i in idx.tolist()], pad_id, device), suppress_ids)
+
+    return fit(model, len(rows), loss_fn, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=desc,
+               progress=progress, warmup_steps=min(50, steps // 10))
+
+
+@dataclass(frozen=True)
+class RankingRow:
+    """One prompt with K responses ranked best first, and the margin of each of the C(K,2) pairs."""
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    margins: list[float]
+
+
+def _score_groups(model: torch.nn.Module, groups: Sequence[RankingRow], pad_id: int) -> torch.Tensor:
+    """Reward of every response of every group, in one forward.  -> (B, K)"""
+    device = next(model.parameters()).device
+    k = len(groups[0].response_ids)
+    rows = [lm_row(g.prompt_ids, r) for g in groups for r in g.response_ids]
+    batch = collate_lm(rows, pad_id, device)
+    return reward_scores(model, batch["input_ids"], batch["attention_mask"]).view(len(groups), k)
+
+
+def train_reward_model(
+    model: torch.nn.Module,
+    groups: Sequence[RankingRow],
+    *,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    use_margin: bool = False,
+    desc: str = "reward model",
+    progress: bool = True,
+) -> list[float]:
+    """Ranking loss over groups of K responses per prompt; each group is one batch element."""
+    ks = {len(g.response_ids) for g in groups}
+    if len(ks) != 1:
+        raise ValueError(f"every ranking must have the same number of responses K; found K in {sorted(ks)}")
+    device = next(model.parameters()).device
+
+    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+        batch = [groups[i] for i in idx.tolist()]
+        scores = _score_groups(model, batch, pad_id)  # (B, K)
+        margins = torch.tensor([g.margins for g in batch], device=device) if use_margin else None
+        return ranking_loss(scores, margins)
+
+    return fit(model, len(groups), loss_fn, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=desc,
+               progress=progress, warmup_steps=min(20, steps // 10))
+
+
+@torch.no_grad()
+def ranking_accuracy(
+    model: torch.nn.Module, groups: Sequence[RankingRow], gold: Sequence[Sequence[float]], pad_id: int
+) -> float:
+    """Held-out accuracy against the gold preference: over all pairs whose gold rewards differ, the
+    fraction the reward model orders like the gold reward. ``gold[b][k]`` is response k's gold reward."""
+    correct = total = 0
+    for start in range(0, len(groups), 64):
+        scores = _score_groups(model, groups[start : start + 64], pad_id).cpu()
+        for row, g in zip(scores.tolist(), gold[start : start + 64], strict=True):
+            better, worse = pair_indices(len(row))
+            for i, j in zip(better, worse, strict=True):
+                if g[i] == g[j]:
+                    continue
+                total += 1
+                correct += (row[i] - row[j]) * (g[i] - g[j]) > 0
+    return correct / max(total, 1)
