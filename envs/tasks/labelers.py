@@ -22,9 +22,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def agreement(gold_groups: np.ndarray, tau: float) -> float:
-    """Expected fraction of pairs on which two independent labelers agree.  gold_groups (N, K)."""
+    """Expected fraction of pairs on which two independent labelers agree, over the pairs whose gold
+    rewards differ (on a gold tie any two labelers are coin flips).  gold_groups (N, K)."""
     i, j = np.triu_indices(gold_groups.shape[1], 1)
-    p = _sigmoid(np.abs(gold_groups[:, i] - gold_groups[:, j]) / tau)
+    gap = np.abs(gold_groups[:, i] - gold_groups[:, j])
+    gap = gap[gap > 0]
+    if gap.size == 0:
+        return 0.5
+    p = _sigmoid(gap / tau)
     return float(np.mean(p * p + (1 - p) * (1 - p)))
 
 

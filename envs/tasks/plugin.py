@@ -48,10 +48,9 @@ def _sentiment(seed: int) -> tuple[Any, type[Task]]:
 
 
 def _hh(seed: int) -> tuple[Any, type[Task]]:
-    from rlhf_zoo_envs.tasks.hh import HHTask
-    from rlhf_zoo_envs.tasks.hh_language import HHLanguage
+    from rlhf_zoo_envs.tasks.hh import HHTask, HHWorld
 
-    return HHLanguage(), HHTask
+    return HHWorld(), HHTask
 
 
 @hookimpl

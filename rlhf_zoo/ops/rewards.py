@@ -33,3 +33,21 @@ def per_token_rewards(
     rows = torch.nonzero(last >= 0).squeeze(-1)
     rewards[rows, last[rows]] += scores.float()[rows]
     return rewards
+
+
+LLAMA2_SAFETY_THRESHOLD = 0.15  # Llama 2, sec. 3.2.2
+
+
+def llama2_combine(
+    helpful: torch.Tensor, safety: torch.Tensor, is_safety_prompt: torch.Tensor,
+    threshold: float = LLAMA2_SAFETY_THRESHOLD,
+) -> torch.Tensor:
+    """Llama 2's combination of a helpfulness and a safety reward model (Touvron et al. 2023, sec. 3.2.2):
+
+        R_c = R_s  if IS_SAFETY(prompt) or R_s < threshold  else R_h,      then  logit(R_c)
+
+    where R = sigmoid(score). Since logit(sigmoid(s)) = s, this returns the chosen raw score; whitening
+    the result is left to the caller.  helpful, safety (B,) raw scores; is_safety_prompt (B,) bool -> (B,)
+    """
+    use_safety = is_safety_prompt.bool() | (torch.sigmoid(safety) < threshold)
+    return torch.where(use_safety, safety, helpful)
