@@ -64,7 +64,7 @@ def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) ->
 def fit(
     model: torch.nn.Module,
     n_rows: int,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, int]],
     *,
     steps: int,
     batch_size: int,
@@ -73,8 +73,10 @@ def fit(
     desc: str,
     progress: bool = True,
     warmup_steps: int = 0,
+    on_step: Callable[[int, float, int], None] | None = None,
 ) -> list[float]:
-    """AdamW with linear warmup and cosine decay; ``loss_fn(indices) -> loss``. Returns the losses."""
+    """AdamW with linear warmup and cosine decay. ``loss_fn(indices) -> (loss, tokens in the batch)``;
+    ``on_step(step, loss, tokens)`` is called after each step. Returns the losses."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
@@ -88,8 +90,8 @@ def fit(
     model.train()
     losses = []
     bar = tqdm(_batches(n_rows, batch_size, steps, gen), desc=desc, disable=not progress, leave=False)
-    for idx in bar:
-        loss = loss_fn(idx)
+    for step, idx in enumerate(bar, start=1):
+        loss, tokens = loss_fn(idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,6 +99,8 @@ def fit(
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if on_step is not None:
+            on_step(step, losses[-1], tokens)
     model.eval()
     return losses
 
@@ -113,15 +117,17 @@ def train_lm(
     desc: str = "train",
     suppress_ids: Sequence[int] = (),
     progress: bool = True,
+    on_step: Callable[[int, float, int], None] | None = None,
 ) -> list[float]:
     """Pretraining (loss on every token after BOS) or SFT (loss on the completion), by the rows' masks."""
     device = next(model.parameters()).device
 
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
-        return lm_loss(model, collate_lm([rows[i] for i in idx.tolist()], pad_id, device), suppress_ids)
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+        batch = collate_lm([rows[i] for i in idx.tolist()], pad_id, device)
+        return lm_loss(model, batch, suppress_ids), int(batch["attention_mask"].sum())
 
     return fit(model, len(rows), loss_fn, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=desc,
-               progress=progress, warmup_steps=min(50, steps // 10))
+               progress=progress, warmup_steps=min(50, steps // 10), on_step=on_step)
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ def train_reward_model(
     use_margin: bool = False,
     desc: str = "reward model",
     progress: bool = True,
+    on_step: Callable[[int, float, int], None] | None = None,
 ) -> list[float]:
     """Ranking loss over groups of K responses per prompt; each group is one batch element."""
     ks = {len(g.response_ids) for g in groups}
@@ -161,14 +168,15 @@ def train_reward_model(
         raise ValueError(f"every ranking must have the same number of responses K; found K in {sorted(ks)}")
     device = next(model.parameters()).device
 
-    def loss_fn(idx: torch.Tensor) -> torch.Tensor:
+    def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
         batch = [groups[i] for i in idx.tolist()]
         scores = _score_groups(model, batch, pad_id)  # (B, K)
         margins = torch.tensor([g.margins for g in batch], device=device) if use_margin else None
-        return ranking_loss(scores, margins)
+        tokens = sum(len(g.prompt_ids) + len(r) for g in batch for r in g.response_ids)
+        return ranking_loss(scores, margins), tokens
 
     return fit(model, len(groups), loss_fn, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=desc,
-               progress=progress, warmup_steps=min(20, steps // 10))
+               progress=progress, warmup_steps=min(20, steps // 10), on_step=on_step)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -107,7 +107,8 @@ class Task:
     missing_eos_penalty: float
     reward_models: tuple[str, ...] = ("reward",)
     manifest: dict[str, Any] = field(default_factory=dict)
-    env_reward_default: str = "proxy"  # "proxy" (the learned RM) or "gold" (exact uses the gold reward)
+    #: the reward the environment pays unless told otherwise: "proxy" (learned RM) or "gold" (``exact``)
+    env_reward_default: ClassVar[str] = "proxy"
 
     @classmethod
     def from_dir(cls, path: Path, language: Any, **kwargs: Any) -> Task:

@@ -1,0 +1,222 @@
+"""Text generation one token per step: `TokenGenEnv` (one episode) and `TokenGenVectorEnv` (N at once).
+
+Episode: reset draws a prompt ``x``; each step the agent emits one response token ``y_t`` with the
+log-probability its policy gave it. The reward of step t (see `rlhf_zoo_envs.core`) is
+
+    r_t = -beta * kl(logprob_t, ref_logprob_t)          (k1: -beta * (logprob_t - ref_logprob_t))
+        + score(x, y) on the last step                  score = rm(x, y) - missing_eos_penalty * [no EOS]
+
+so the return equals the sum of `rlhf_zoo.ops.per_token_rewards` of the whole response. EOS terminates;
+reaching ``max_new_tokens`` without EOS truncates (terminates with ``truncation_is_terminal=True``).
+Reference log-probs come from a KV cache of the reference model: one single-token forward per step for
+the whole batch; the reward model runs once per step for all rows that finish at that step.
+
+Both classes are thin adapters over `TokenEpisodes`, the batched state (tensors on the env device).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from typing_extensions import Unpack
+
+from rlhf_zoo_envs.core import (
+    EnvConfig,
+    GenerationCore,
+    IncrementalReference,
+    as_tensor,
+    row_info,
+    row_observation,
+    to_numpy,
+)
+from rlhf_zoo_envs.tasks.base import Task
+
+
+def token_action_space(vocab_size: int) -> spaces.Dict:
+    """One step's action: the token and the agent's log-prob of it (at the env's temperature)."""
+    return spaces.Dict({
+        "token": spaces.Discrete(vocab_size),
+        "logprob": spaces.Box(-np.inf, 0.0, (), np.float32),
+    })
+
+
+class TokenEpisodes:
+    """N synchronous token-by-token episodes; all state is batched tensors, no per-row Python.
+
+    Rows start together; a row that finished keeps its state and ignores further actions (reward 0).
+    """
+
+    def __init__(self, core: GenerationCore, prompt_index: np.ndarray) -> None:
+        self.core = core
+        self.prompt_index = prompt_index
+        self.prompt_ids, self.prompt_mask = core.prompts(prompt_index)  # (N, P)
+        N, T, dev = len(prompt_index), core.max_new_tokens, core.device
+        self.n = N
+        self.response_ids = torch.full((N, T), core.pad_token_id, dtype=torch.long, device=dev)  # (N, T)
+        self.response_mask = torch.zeros((N, T), dtype=torch.long, device=dev)  # (N, T)
+        self.logprobs = torch.zeros((N, T), dtype=torch.float32, device=dev)  # (N, T) the agent's
+        self.ref_logprobs = torch.zeros((N, T), dtype=torch.float32, device=dev)  # (N, T)
+        self.done = torch.zeros(N, dtype=torch.bool, device=dev)  # (N,)
+        self.terminated = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.truncated = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.t = 0  # next response position (the same for every live row)
+        self.ref = IncrementalReference(core, self.prompt_ids, self.prompt_mask)
+
+    def observation(self) -> dict[str, np.ndarray]:
+        return self.core.observations(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask)
+
+    def step(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+        """Append one token per live row.  tokens (N,) long, logprobs (N,) -> rewards (N,), vector info."""
+        core = self.core
+        alive = ~self.done  # (N,)
+        rewards = torch.zeros(self.n, dtype=torch.float32, device=core.device)
+        if not bool(alive.any()):
+            return rewards, {}
+        bad = alive & ((tokens < 0) | (tokens >= core.vocab_size))
+        if bool(bad.any()):
+            raise ValueError(f"token ids must be in [0, {core.vocab_size}), got {tokens[bad].tolist()}")
+        t = self.t
+        ref = self.ref.logprobs(tokens, alive)  # (N,)
+        tokens = torch.where(alive, tokens, core.pad_token_id)
+        logprobs = torch.where(alive, logprobs.float(), 0.0)
+        ref = torch.where(alive, ref, 0.0)
+        self.response_ids[:, t] = tokens
+        self.response_mask[:, t] = alive.long()
+        self.logprobs[:, t] = logprobs
+        self.ref_logprobs[:, t] = ref
+        rewards = core.step_penalty(logprobs, ref, alive)  # (N,) -beta * kl
+        kl = core.kl(logprobs, ref, alive)
+        alive_np = to_numpy(alive)
+        info: dict[str, np.ndarray] = {
+            "ref_logprob": to_numpy(ref), "_ref_logprob": alive_np, "kl": to_numpy(kl), "_kl": alive_np.copy(),
+        }
+        has_eos = alive & (tokens == core.eos_token_id)
+        ending = (has_eos | alive) if t == core.max_new_tokens - 1 else has_eos  # (N,)
+        self.t += 1
+        if bool(ending.any()):
+            rows = ending.nonzero().squeeze(-1)  # (K,)
+            out = core.outcome(self.prompt_ids[rows], self.prompt_mask[rows], self.response_ids[rows],
+                               self.response_mask[rows], self.logprobs[rows], self.ref_logprobs[rows], has_eos[rows])
+            rewards[rows] = out.rewards[:, t]  # the last token's reward: -beta * kl + score
+            self.terminated[rows], self.truncated[rows] = core.finish_terminal(out.has_eos)
+            self.done[rows] = True
+            info.update(core.end_info(out, rows, self.n))
+        return rewards, info
+
+
+class TokenGenEnv(gym.Env):
+    """One text-generation episode, one token per step.
+
+    Observation (``spaces.Dict`` of fixed-shape numpy arrays; P = widest prompt of the split, T = cap):
+        input_ids (P+T,) int64: prompt left-padded to P, then the response so far right-padded with pad;
+        attention_mask (P+T,) int8; prompt_length (real prompt tokens, BOS included), response_length:
+        np.int64 scalars (Discrete). The response always starts at column P (``env.core.prompt_width``).
+
+    Action: ``{"token": int in [0, V), "logprob": float <= 0}``, the agent's log-prob of the token (at
+        ``temperature``). Suppressed ids (``task.suppress_ids``) have reference log-prob -inf.
+
+    Reward: ``-beta * kl_t`` each step, plus the score (after any missing-EOS penalty) on the last step.
+
+    Info every step: ``ref_logprob``, ``kl`` (this token's KL estimate; the log-ratio for k1). At the end
+        also ``rm_score``, ``score``, ``return``, ``response_text``, ``finish_reason`` ("eos" | "length") and
+        per-token arrays of the response: ``rewards``, ``logprobs``, ``ref_logprobs``, ``response_ids``;
+        plus ``response_length``. Reset info: ``prompt_index``, ``prompt``.
+
+    Reset options: ``{"prompt_index": i}`` fixes the prompt (index into ``task.prompts(split)``).
+
+    Keyword arguments: see `rlhf_zoo_envs.core.GenerationCore` (``task`` is a name or a `Task`).
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+
+    def __init__(self, task: str | Task, *, render_mode: str | None = None, **config: Unpack[EnvConfig]) -> None:
+        self.core = GenerationCore(task, **config)
+        self.observation_space = self.core.observation_space()
+        self.action_space = token_action_space(self.core.vocab_size)
+        self.render_mode = render_mode
+        self._episodes: TokenEpisodes | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        idx = self.core.choose_prompts(self.np_random, 1, options)
+        self._episodes = TokenEpisodes(self.core, idx)
+        return row_observation(self._episodes.observation()), row_info(self.core.reset_info(idx))
+
+    def step(self, action: dict[str, Any]) -> tuple[dict, float, bool, bool, dict]:
+        ep = self._episodes
+        if ep is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        dev = self.core.device
+        tokens = as_tensor(action["token"], torch.long, dev, (1,))
+        logprobs = as_tensor(action["logprob"], torch.float32, dev, (1,))
+        rewards, info = ep.step(tokens, logprobs)
+        return (row_observation(ep.observation()), float(rewards[0]), bool(ep.terminated[0]),
+                bool(ep.truncated[0]), row_info(info))
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._episodes is None:
+            return None
+        ep = self._episodes
+        prompt = self.core.task.decode(ep.prompt_ids, ep.prompt_mask)[0]
+        return f"{prompt} | {self.core.task.decode(ep.response_ids, ep.response_mask)[0]}"
+
+
+class TokenGenVectorEnv(VectorEnv):
+    """N text-generation episodes stepped together, one token per row per step, as batched tensors.
+
+    Episodes are synchronous: ``reset()`` starts N new prompts (``options={"prompt_indices": [...]}`` fixes
+    them); there is no autoreset (``metadata["autoreset_mode"] == AutoresetMode.DISABLED``): a row that
+    finished stays done, ignores further actions and gets reward 0, and its ``terminations`` /
+    ``truncations`` keep their final values until the next ``reset()``. Partial resets are not supported.
+
+    Observation: the single env's, batched: input_ids / attention_mask (N, P+T), lengths (N,).
+    Actions: ``{"token": (N,), "logprob": (N,)}`` as numpy arrays or torch tensors (any device); entries of
+        finished rows are ignored.
+    Rewards (N,) float32, terminations / truncations (N,) bool, as in `TokenGenEnv`.
+
+    Info follows gymnasium's vector convention: each key is an array over the N rows with a ``_key`` bool
+    mask of the rows that have it. ``ref_logprob`` and ``kl`` are set for the rows that took this step.
+    End-of-episode keys are set for the rows that finished at this step: numbers as (N,) arrays,
+    per-token arrays (``rewards``, ``logprobs``, ``ref_logprobs``, ``response_ids``) as (N, T) right-padded
+    (with 0, pad for ids; ``response_length`` says how much counts), ``response_text`` and
+    ``finish_reason`` as (N,) object arrays (None for other rows).
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
+
+    def __init__(self, num_envs: int = 1, *, task: str | Task, **config: Unpack[EnvConfig]) -> None:
+        self.core = GenerationCore(task, **config)
+        self.num_envs = int(num_envs)
+        self.single_observation_space = self.core.observation_space()
+        self.single_action_space = token_action_space(self.core.vocab_size)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+        self._episodes: TokenEpisodes | None = None
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        super().reset(seed=seed)
+        if options and "reset_mask" in options and not np.all(options["reset_mask"]):
+            raise NotImplementedError("episodes are synchronous: reset() restarts every row (no partial reset)")
+        idx = self.core.choose_prompts(self.np_random, self.num_envs, options)
+        self._episodes = TokenEpisodes(self.core, idx)
+        return self._episodes.observation(), self.core.reset_info(idx)
+
+    def step(
+        self, actions: dict[str, Any]
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        ep = self._episodes
+        if ep is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        dev, n = self.core.device, self.num_envs
+        tokens = as_tensor(actions["token"], torch.long, dev, (n,))
+        logprobs = as_tensor(actions["logprob"], torch.float32, dev, (n,))
+        rewards, info = ep.step(tokens, logprobs)
+        return ep.observation(), to_numpy(rewards), to_numpy(ep.terminated), to_numpy(ep.truncated), info

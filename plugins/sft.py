@@ -1,0 +1,60 @@
+"""``sft``: supervised fine-tuning on demonstrations (InstructGPT, sec. 3.5; Llama 2, sec. 3.1).
+
+Loss = mean negative log-likelihood of the completion tokens; prompt tokens are context only. Starts
+from the task's pretrained model (or its SFT policy) and trains on the task's demonstrations, or on a
+user dataset of ``{"prompt", "completion"}`` rows (``--dataset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from rlhf_zoo.config import AlgoConfig, check_positive, option
+from rlhf_zoo.data import read_records, sft_examples
+from rlhf_zoo.hookspecs import hookimpl
+from rlhf_zoo.models import load_policy
+from rlhf_zoo.policy import ModelPolicy
+from rlhf_zoo.registry import Algorithm
+from rlhf_zoo.training import lm_row, train_lm
+
+
+@dataclass(frozen=True)
+class SFTConfig(AlgoConfig):
+    presets = {"quick": {"steps": 100, "eval_prompts": 32}}
+
+    steps: int = option(300, "Optimizer steps.")
+    batch_size: int = option(64, "Sequences per step.")
+    learning_rate: float = option(1e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
+    start_from: Literal["pretrained", "sft"] = option("pretrained", "Initial weights: the task's pretrained model or its SFT policy.")
+    dataset: str = option("", "Path of a prompt/completion dataset (.jsonl, .json, .parquet, saved dir); empty: the task's demonstrations.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "steps", "batch_size", "learning_rate")
+
+
+def train(ctx, cfg: SFTConfig) -> ModelPolicy:
+    task, tok = ctx.task, ctx.task.tokenizer
+    # 1) data: demonstrations as (prompt, completion) text pairs
+    if cfg.dataset:
+        pairs = sft_examples(read_records(cfg.dataset))
+    else:
+        ds = task.dataset("sft")
+        pairs = list(zip(ds["prompt"], ds["completion"], strict=True))
+    rows = [lm_row([tok.bos_token_id, *tok.encode(p, add_special_tokens=False)],
+                   [*tok.encode(c, add_special_tokens=False), tok.eos_token_id]) for p, c in pairs]
+    # 2) model
+    model = ctx.policy if cfg.start_from == "sft" else load_policy(task.path / "pretrained", ctx.device)
+    # 3) train, loss on completions only
+    ctx.policy = model
+    with ctx.phase("train"):
+        train_lm(model, rows, pad_id=tok.pad_token_id, steps=cfg.steps, batch_size=cfg.batch_size,
+                 lr=cfg.learning_rate, seed=ctx.seed, desc="sft", suppress_ids=task.suppress_ids,
+                 progress=ctx.show_progress, on_step=ctx.step_logger())
+    return ModelPolicy(model)
+
+
+@hookimpl
+def register_algorithms(register) -> None:
+    register(Algorithm("sft", SFTConfig, train, "Supervised fine-tuning on demonstrations (loss on completions)."))

@@ -1,0 +1,199 @@
+"""The ``zoo`` command line (Typer). Thin: ``zoo run ALGO`` options are generated from the algorithm's
+config dataclass, so every algorithm, third-party ones included, gets ``--help`` and typed options.
+
+User errors print one line (``zoo: error: ...``) and exit non-zero; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import click
+import typer
+
+from rlhf_zoo.errors import ConfigError, ZooError
+
+app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offline tasks with a gold reward.",
+                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "config", "quiet")
+
+
+def _registry():
+    from rlhf_zoo.registry import get_registry
+
+    return get_registry()
+
+
+@app.command("list")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List algorithms, tasks and reward functions, with the plugin that provides each."""
+    reg = _registry()
+
+    def rows(kind: str, table: dict[str, Any]) -> list[dict[str, str]]:
+        out = []
+        for name, item in sorted(table.items()):
+            p = reg.provided_by[(kind, name)]
+            out.append({"name": name, "description": item.description, "plugin": p.name,
+                        "distribution": p.distribution, "version": p.version})
+        return out
+
+    data = {"algorithms": rows("algorithm", reg.algorithms), "tasks": rows("task", reg.tasks),
+            "reward_functions": rows("reward function", reg.reward_functions),
+            "plugins": [dataclasses.asdict(p) for p in reg.plugins],
+            "load_errors": [{"plugin": e.plugin, "distribution": e.distribution, "error": e.error}
+                            for e in reg.load_errors]}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for title, key in (("Algorithms", "algorithms"), ("Tasks", "tasks"), ("Reward functions", "reward_functions")):
+        if data[key] or key != "reward_functions":
+            typer.echo(f"{title}:")
+            for r in data[key]:
+                typer.echo(f"  {r['name']:<20} {r['description']}  [{r['distribution']} {r['version']}]")
+    for e in data["load_errors"]:
+        typer.echo(f"warning: plugin {e['plugin']!r} ({e['distribution']}) failed to load: {e['error']}", err=True)
+
+
+@app.command("prepare")
+def prepare_cmd(
+    task: str = typer.Argument("sentiment", help="Task to build."),
+    seed: int = typer.Option(0, help="Task seed (which world)."),
+    rebuild: bool = typer.Option(False, help="Rebuild even if cached."),
+) -> None:
+    """Build a task's tokenizer, models and data (cached; $RLHF_ZOO_CACHE moves the cache)."""
+    t = _registry().task(task).load(seed=seed, progress=True, rebuild=rebuild)
+    m = t.manifest
+    typer.echo(f"task {task!r} (seed {seed}) ready at {t.path}")
+    typer.echo(f"  build time: {m.get('total_seconds', '?')} s  {m.get('timings_s', {})}")
+    for name, rm in m.get("reward_models", {}).items():
+        typer.echo(f"  reward model {name!r} ({rm['objective']}): held-out accuracy vs gold preference "
+                   f"{rm['heldout_gold_accuracy']:.3f}")
+
+
+# --- zoo run ALGO: one click command per algorithm, built from its config dataclass -------------------
+def _click_type(tp: Any) -> tuple[Any, bool]:
+    """(click type, is_flag) for a config field annotation."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return click.Choice([str(a) for a in get_args(tp)]), False
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _click_type(args[0]) if len(args) == 1 else (str, False)
+    if tp is bool:
+        return bool, True
+    return {int: int, float: float, str: str}.get(tp, str), False
+
+
+def _algorithm_command(name: str) -> click.Command:
+    from rlhf_zoo.registry import get_registry
+
+    algo = get_registry().algorithm(name)
+    hints = typing.get_type_hints(algo.config_cls)
+    params: list[click.Parameter] = [
+        click.Option(["--task"], default="sentiment", show_default=True, help="Task to run on."),
+        click.Option(["--seed"], type=int, default=0, show_default=True, help="Run seed."),
+        click.Option(["--out"], type=click.Path(path_type=Path), default=None, help="Run directory [runs/ALGO-TASK-sSEED]."),
+        click.Option(["--preset"], default=None, help=f"Preset: default, {', '.join(sorted(algo.config_cls.presets))}."),
+        click.Option(["--device"], default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.Option(["--task-seed"], type=int, default=0, show_default=True, help="Seed of the task's world."),
+        click.Option(["--checkpoint-every"], type=int, default=0, show_default=True, help="Iterations between checkpoints (0: none)."),
+        click.Option(["--config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     help="JSON file of config values (options given here win)."),
+        click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+    ]
+    for f in dataclasses.fields(algo.config_cls):
+        if f.name in RUN_OPTIONS:
+            raise ConfigError(f"algorithm {name!r}: config field {f.name!r} clashes with a zoo run option")
+        ctype, is_flag = _click_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default_note = f" [default: {f.default}]" if f.default is not dataclasses.MISSING else ""
+        help_text = f.metadata.get("help", "") + default_note
+        if is_flag:
+            params.append(click.Option([f"{flag}/--no-{f.name.replace('_', '-')}"], default=None, help=help_text))
+        else:
+            params.append(click.Option([flag], f.name, type=ctype, default=None, help=help_text))
+
+    def callback(**kwargs: Any) -> None:
+        from rlhf_zoo.runner import run
+
+        common = {k: kwargs.pop(k) for k in RUN_OPTIONS}
+        options = _read_config_file(common["config"]) if common["config"] else {}
+        options.update({k: v for k, v in kwargs.items() if v is not None})
+        out = common["out"] or Path("runs") / f"{name}-{common['task']}-s{common['seed']}"
+        summary = run(name, task=common["task"], seed=common["seed"], out=out, device=common["device"],
+                      preset=common["preset"], options=options, task_seed=common["task_seed"],
+                      checkpoint_every=common["checkpoint_every"], progress=not common["quiet"])
+        _print_summary(summary, out)
+
+    doc = (algo.config_cls.__doc__ or "").strip().splitlines()
+    return click.Command(name, params=params, callback=callback,
+                         help=algo.description + ("\n\n" + doc[0] if doc and not doc[0].startswith(algo.config_cls.__name__) else ""))
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a JSON object of config values, got {type(data).__name__}")
+    return data
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    keys = ["gold_reward", "baseline_gold_reward", "proxy_reward", "kl_to_ref", "kl_to_optimum",
+            "frontier_efficiency", "heldout_gold_accuracy", "wall_seconds"]
+    shown = "  ".join(f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))
+    typer.echo(f"{summary['algorithm']} on {summary['task']} (seed {summary['seed']}): {shown}")
+    typer.echo(f"run directory: {out}")
+
+
+class RunGroup(click.Group):
+    """``zoo run ALGO``: algorithms come from the plugin registry."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_registry().algorithms)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return _algorithm_command(name) if name in _registry().algorithms else None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        name = args[0]
+        if name not in _registry().algorithms and not name.startswith("-"):
+            known = ", ".join(sorted(_registry().algorithms))
+            raise click.UsageError(f"unknown algorithm {name!r}; known: {known}")
+        return super().resolve_command(ctx, args)
+
+
+def build_cli() -> click.Group:
+    group = typer.main.get_command(app)
+    group.add_command(RunGroup("run", help="Train with an algorithm: zoo run ALGO [OPTIONS] (see zoo run ALGO --help)."))
+    return group
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Returns (and exits with) the exit code."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own bars show progress
+    try:
+        rv = build_cli().main(args=argv, prog_name="zoo", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.Abort:
+        click.echo("zoo: aborted", err=True)
+        code = 130
+    except click.ClickException as e:
+        click.echo(f"zoo: error: {e.format_message()}", err=True)
+        code = e.exit_code
+    except ZooError as e:
+        click.echo(f"zoo: error: {e}", err=True)
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code

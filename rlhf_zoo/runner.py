@@ -1,0 +1,292 @@
+"""The runner: everything around an algorithm's training code.
+
+It owns seeding, device, task loading, the reference policy, the progress bar, metrics logging,
+checkpoints, the final evaluation against the SFT baseline, and the run directory:
+
+    config.json     resolved config, versions, loaded plugins, git commit when known
+    metrics.jsonl   one line per iteration
+    summary.json    final figures (see `rlhf_zoo.evaluation`) plus wall time, throughput, peak memory
+    policy/         the final policy in Hugging Face format (safetensors); ``model/`` for reward models
+    checkpoints/    periodic policy checkpoints (safetensors + JSON)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_zoo.config import AlgoConfig
+from rlhf_zoo.errors import ConfigError
+from rlhf_zoo.evaluation import evaluate
+from rlhf_zoo.policy import ModelPolicy, RewardModelResult
+from rlhf_zoo.registry import Algorithm, Registry, get_registry
+
+DEFAULT_TASK = "sentiment"
+KEEP_CHECKPOINTS = 2
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    """What an algorithm's ``train(ctx, config)`` receives.
+
+    Attributes:
+        task: the loaded task (tokenizer, prompts, datasets, gold reward).
+        policy: a trainable copy of the SFT policy, on ``device``.
+        reference: the frozen SFT policy (never updated).
+        reward_fn: the reward the environment pays (task default: learned RM; gold on ``exact``).
+        generator: the run's torch RNG for sampling, seeded from ``seed``.
+    """
+
+    algorithm: Algorithm
+    config: AlgoConfig
+    task: Any
+    seed: int
+    device: torch.device
+    out: Path
+    registry: Registry
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    reward_fn: Any
+    generator: torch.Generator
+    checkpoint_every: int = 0
+    show_progress: bool = True
+    phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _bar: Any = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens or self.task.max_new_tokens
+
+    @property
+    def beta(self) -> float:
+        return float(getattr(self.config, "beta", self.task.beta))
+
+    def make_env(self, num_envs: int, kind: str = "ResponseGen", split: str = "train", **kwargs: Any) -> Any:
+        """A vector environment over this run's task, reference and reward."""
+        import gymnasium
+
+        return gymnasium.make_vec(f"rlhf_zoo/{kind}-v0", num_envs=num_envs, task=self.task, split=split,
+                                  max_new_tokens=self.max_new_tokens, device=str(self.device),
+                                  beta=self.beta, **kwargs)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase (generate, score, reference, train); figures go to summary.json."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] += time.perf_counter() - start
+
+    def iterations(self, total: int, desc: str | None = None) -> Iterator[int]:
+        """Iteration numbers 1..total with a progress bar; pair with `log`."""
+        self._bar = tqdm(range(1, total + 1), desc=desc or self.algorithm.name, disable=not self.show_progress,
+                         dynamic_ncols=True)
+        yield from self._bar
+
+    def log(self, iteration: int, metrics: dict[str, float]) -> None:
+        """Record one iteration: metrics.jsonl, the progress bar, plugin hooks, periodic checkpoints."""
+        row = {"iteration": iteration, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._bar is not None:
+            shown = {k: f"{v:.3g}" for k, v in list(row.items())[1:5] if isinstance(v, float)}
+            self._bar.set_postfix(shown, refresh=False)
+        self.registry.manager.hook.on_iteration_end(run=self, iteration=iteration, metrics=row)
+        if self.checkpoint_every and iteration % self.checkpoint_every == 0:
+            self.save_checkpoint(iteration)
+
+    def step_logger(self, every: int = 10) -> Any:
+        """An ``on_step(step, loss, tokens)`` callback for the supervised loops of `rlhf_zoo.training`:
+        counts trained tokens and logs the mean loss every ``every`` steps."""
+        window: list[float] = []
+
+        def on_step(step: int, loss: float, tokens: int) -> None:
+            self.counters["trained_tokens"] += tokens
+            window.append(loss)
+            if step % every == 0:
+                self.log(step, {"loss": sum(window) / len(window)})
+                window.clear()
+
+        return on_step
+
+    def save_checkpoint(self, iteration: int) -> Path:
+        """Policy weights (safetensors) and a JSON note, written to a temp dir and renamed into place."""
+        root = self.out / "checkpoints"
+        final = root / f"iter-{iteration:06d}"
+        tmp = root / f".tmp-iter-{iteration:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.policy.save_pretrained(tmp)
+        (tmp / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "seed": self.seed}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(root.glob("iter-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+        return final
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("rlhf-zoo", "torch", "transformers", "gymnasium", "pluggy", "datasets", "typer"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch on the device. CPU: peak resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def run(
+    algorithm: str,
+    *,
+    task: str = DEFAULT_TASK,
+    seed: int = 0,
+    out: str | Path = "runs/latest",
+    device: str = "auto",
+    preset: str | None = None,
+    options: dict[str, Any] | None = None,
+    task_seed: int = 0,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    registry: Registry | None = None,
+) -> dict[str, Any]:
+    """Run ``algorithm`` on ``task`` and write the run directory. Returns summary.json's content."""
+    registry = registry or get_registry()
+    algo = registry.algorithm(algorithm)
+    config = algo.config_cls.from_dict(options or {}, preset=preset)
+    task_spec = registry.task(task)
+    dev = resolve_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    wall_start = time.perf_counter()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    # 1) task, models, seeding
+    the_task = task_spec.load(seed=task_seed, progress=progress)
+    seed_everything(seed)
+    reference = the_task.load_policy(dev).requires_grad_(False)
+    policy = the_task.load_policy(dev)
+    reward_fn = the_task.reward_function(device=dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    ctx = RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
+                     checkpoint_every=checkpoint_every, show_progress=progress)
+    plugins = [{"name": p.name, "distribution": p.distribution, "version": p.version} for p in registry.plugins]
+    provided = registry.provided_by[("algorithm", algo.name)]
+    resolved = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed, "device": str(dev),
+                "preset": preset or "default", "config": config.to_dict(), "beta": ctx.beta,
+                "max_new_tokens": ctx.max_new_tokens, "algorithm_plugin": provided.name,
+                "algorithm_distribution": provided.distribution, "plugins": plugins,
+                "plugin_load_errors": [{"plugin": e.plugin, "error": e.error} for e in registry.load_errors],
+                "versions": versions(), "git_commit": _git_commit(), "world_size": 1, "argv": sys.argv}
+    (out / "config.json").write_text(json.dumps(resolved, indent=2))
+    registry.manager.hook.on_run_start(run=ctx)
+
+    # 2) the algorithm
+    train_start = time.perf_counter()
+    result = algo.train(ctx, config)
+    train_seconds = time.perf_counter() - train_start
+
+    # 3) evaluation against the SFT baseline on the same prompts and seed
+    summary: dict[str, Any] = {"algorithm": algo.name, "task": task, "seed": seed}
+    if isinstance(result, RewardModelResult):
+        result.model.save_pretrained(out / "model")
+        summary.update(result.metrics)
+    else:
+        with ctx.phase("evaluate"):
+            summary.update(_evaluate_against_baseline(ctx, result))
+        result.model.save_pretrained(out / "policy")
+        the_task.tokenizer.save_pretrained(out / "policy")
+    wall = time.perf_counter() - wall_start
+    tokens = ctx.counters["generated_tokens"] + ctx.counters["trained_tokens"] + summary.pop("generated_tokens", 0)
+    summary.update({
+        "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
+        "tokens_per_second": round(tokens / wall, 1), "peak_memory_mb": round(peak_memory_mb(dev), 1),
+        "generated_tokens": ctx.counters["generated_tokens"], "trained_tokens": ctx.counters["trained_tokens"],
+        "phase_seconds": {k: round(v, 3) for k, v in ctx.phase_seconds.items()},
+    })
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    registry.manager.hook.on_run_end(run=ctx, summary=summary)
+    return summary
+
+
+def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
+    cfg, task = ctx.config, ctx.task
+    prompts = task.prompts("eval")[: cfg.eval_prompts]
+    common = dict(task=task, reference=ctx.reference, reward_fn=ctx.reward_fn, prompts=prompts,
+                  samples_per_prompt=cfg.eval_samples, max_new_tokens=ctx.max_new_tokens,
+                  seed=ctx.seed + 10_000, beta=ctx.beta, missing_eos_penalty=task.missing_eos_penalty,
+                  device=ctx.device)
+    final = evaluate(policy, temperature=cfg.temperature, **common)
+    baseline = evaluate(ModelPolicy(ctx.reference), temperature=1.0, **common)
+    out = dict(final)
+    out.pop("examples", None)
+    for key in ("gold_reward", "proxy_reward", "kl_to_ref", "kl_to_optimum", "frontier_efficiency",
+                *[f"gold_{o}" for o in task.objectives[1:]]):
+        if key in baseline:
+            out[f"baseline_{key}"] = baseline[key]
+    out["generated_tokens"] = final["generated_tokens"] + baseline["generated_tokens"]
+    out["eval_prompts"] = len(prompts)
+    out["examples"] = final.get("examples", [])
+    out.update(policy.extra_metrics())
+    return out
