@@ -28,11 +28,11 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 from gymnasium import spaces
+from rlhf_zoo_envs.tasks.base import Task
 from transformers import DynamicCache
 
 from rlhf_zoo.ops import logprobs_from_logits, per_token_rewards, position_ids_from_mask, sequence_logprobs
 from rlhf_zoo.ops.kl import KLEstimator, kl_penalty
-from rlhf_zoo_envs.tasks.base import Task
 
 FINISH_EOS = "eos"
 FINISH_LENGTH = "length"
@@ -121,7 +121,7 @@ class IncrementalReference:
             out = self.core.ref_model(input_ids=prev[:, None], attention_mask=self.attn, position_ids=self.next_pos,
                                       past_key_values=self.cache, use_cache=True)
             self.next_logits = out.logits[:, -1:]
-            self.next_pos = self.next_pos + 1
+            pass
         tokens = torch.where(alive, tokens, self.core.pad_token_id)  # (B,)
         self._pending = (tokens, alive)
         return self.core.token_logprobs(self.next_logits, tokens[:, None])[:, 0]

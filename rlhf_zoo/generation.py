@@ -7,7 +7,7 @@ later forward at the same temperature. Rows that have produced EOS keep emitting
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +43,14 @@ def sample(
     temperature: float = 1.0,
     suppress_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> Samples:
-    """Sample one response per (left-padded) prompt row.  prompt_ids, prompt_mask: (B, P)."""
+    """Sample one response per (left-padded) prompt row.  prompt_ids, prompt_mask: (B, P).
+
+    ``on_token(tokens, logprobs)`` is called after each step with the (B,) sampled tokens and their
+    log-probs (rows already finished get pad and 0): this is how an agent drives the per-token
+    environment, one ``env.step`` per decoding step.
+    """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     cache = DynamicCache()
@@ -64,6 +70,8 @@ def sample(
         ids[:, t] = torch.where(alive, token, pad_token_id)
         mask[:, t] = alive.long()
         logprobs[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
+        if on_token is not None:
+            on_token(ids[:, t], logprobs[:, t])
         finished = finished | (alive & (token == eos_token_id))
         if bool(finished.all()) or t == max_new_tokens - 1:
             break

@@ -87,7 +87,9 @@ def run_token_vec(env: TokenGenVectorEnv, prompt_indices, tokens: np.ndarray, lo
     ends: list[dict] = [{} for _ in range(n)]
     for t in range(T):
         _, r, term, trunc, info = env.step({"token": tokens[:, t], "logprob": logprobs[:, t]})
-        rewards[:, t], refs[:, t] = r, np.where(info["_ref_logprob"], info["ref_logprob"], 0.0)
+        rewards[:, t] = r
+        if info:  # empty once every row is done
+            refs[:, t] = np.where(info["_ref_logprob"], info["ref_logprob"], 0.0)
         for i in np.flatnonzero(info.get("_rm_score", np.zeros(n, bool))):
             ends[i] = {k: v[i] for k, v in info.items() if not k.startswith("_")}
     return rewards, refs, ends, term, trunc
@@ -104,8 +106,8 @@ def response_action(tokens, logprobs, T: int, pad: int, length: int | None = Non
 
 @st.composite
 def responses(draw, ids: list[int], eos: int, T: int, n_prompts: int):
-    """(prompt index, tokens cut at the first EOS, logprobs): lengths 1..T, EOS or not."""
-    tokens = cut_at_eos(draw(st.lists(st.sampled_from(ids), min_size=1, max_size=T)), eos)
+    """(prompt index, tokens, logprobs) of a complete episode: up to the first EOS, or T tokens without."""
+    tokens = cut_at_eos(draw(st.lists(st.sampled_from(ids), min_size=T, max_size=T)), eos)
     logprobs = draw(st.lists(st.floats(-6.0, 0.0, width=32), min_size=len(tokens), max_size=len(tokens)))
     return draw(st.integers(0, n_prompts - 1)), tokens, logprobs
 
