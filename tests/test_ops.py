@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rlhf_zoo.generation import sample
 from rlhf_zoo.models import new_causal_lm, tiny_llama_config

@@ -39,14 +39,15 @@ def _no_env_controls(monkeypatch):
 
 
 @pytest.fixture
-def third_party_site():
+def third_party_site(monkeypatch):
     """Put the fake site-packages holding ``zoo-example-plugin`` and ``zoo-broken-plugin`` on sys.path.
 
-    Undone here, before returning control: sys.path restored, modules forgotten, metadata caches cleared
-    and the process-wide registry rebuilt, so later tests see only the installed plugins."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(PLUGIN_SITE))  # also invalidates importlib's caches
-        yield get_registry(refresh=True)
+    Undone in teardown, in this order: every monkeypatch (sys.path and any env var the test set),
+    the modules forgotten, metadata caches cleared, and only then the process-wide registry rebuilt, so
+    later tests see only the installed plugins."""
+    monkeypatch.syspath_prepend(str(PLUGIN_SITE))  # also invalidates importlib's caches
+    yield get_registry(refresh=True)
+    monkeypatch.undo()
     for name in THIRD_PARTY_MODULES:
         sys.modules.pop(name, None)
     importlib.invalidate_caches()

@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from rlhf_zoo.models import new_causal_lm, new_reward_model, reward_model_from_policy, reward_scores, tiny_llama_config
+from rlhf_zoo.models import (
+    new_causal_lm,
+    new_reward_model,
+    reward_model_from_policy,
+    reward_scores,
+    tiny_llama_config,
+)
 from rlhf_zoo.training import (
     LMRow,
     RankingRow,

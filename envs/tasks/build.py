@@ -36,7 +36,7 @@ from rlhf_zoo.models import new_causal_lm, reward_model_from_policy, tiny_llama_
 from rlhf_zoo.training import RankingRow, lm_row, ranking_accuracy, train_lm, train_reward_model
 from rlhf_zoo_envs.tasks import labelers
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 STAGE_STREAMS = {"pretrain": 1, "sft": 2, "prompts": 3, "rankings": 4, "labelers": 5, "train": 6}
 
@@ -218,10 +218,13 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
     manifest["total_seconds"] = round(sum(timings.values()), 2)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     bar.close()
-    if path.exists():
-        shutil.rmtree(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished the same (deterministic) build first: keep theirs
+        if not (path / "manifest.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

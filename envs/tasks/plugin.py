@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,9 @@ def loader(name: str, spec: BuildSpec, make: Callable[[int], tuple[Any, type[Tas
     def load(seed: int = 0, progress: bool = True, rebuild: bool = False) -> Task:
         language, task_cls = make(seed)
         path = task_dir(name, seed)
-        if rebuild or not (path / "manifest.json").exists():
+        if rebuild:
+            shutil.rmtree(path, ignore_errors=True)
+        if not (path / "manifest.json").exists():
             build_task(name, language, spec, seed, path, progress=progress)
         return task_cls.from_dir(path, language, name=name, seed=seed, max_new_tokens=spec.max_new_tokens,
                                  beta=spec.beta, missing_eos_penalty=spec.missing_eos_penalty,
