@@ -121,7 +121,7 @@ class IncrementalReference:
             out = self.core.ref_model(input_ids=prev[:, None], attention_mask=self.attn, position_ids=self.next_pos,
                                       past_key_values=self.cache, use_cache=True)
             self.next_logits = out.logits[:, -1:]
-            pass
+            self.next_pos = self.next_pos + 1
         tokens = torch.where(alive, tokens, self.core.pad_token_id)  # (B,)
         self._pending = (tokens, alive)
         return self.core.token_logprobs(self.next_logits, tokens[:, None])[:, 0]

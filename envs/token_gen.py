@@ -24,6 +24,8 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
+from typing_extensions import Unpack
+
 from rlhf_zoo_envs.core import (
     EnvConfig,
     GenerationCore,
@@ -34,7 +36,6 @@ from rlhf_zoo_envs.core import (
     to_numpy,
 )
 from rlhf_zoo_envs.tasks.base import Task
-from typing_extensions import Unpack
 
 
 def token_action_space(vocab_size: int) -> spaces.Dict:

@@ -9,11 +9,11 @@ from rlhf_zoo.config import AlgoConfig, option
 from rlhf_zoo.errors import ConfigError, DataError, ZooError
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
-from rlhf_zoo.registry import Algorithm, TaskSpec, get_registry
+from rlhf_zoo.registry import Algorithm, RewardFunctionSpec, TaskSpec, get_registry
 
 __version__ = "0.1.0"
 
-__all__ = ["AlgoConfig", "Algorithm", "ConfigError", "DataError", "ModelPolicy", "RewardModelResult", "TaskSpec",
+__all__ = ["AlgoConfig", "Algorithm", "ConfigError", "DataError", "ModelPolicy", "RewardFunctionSpec", "RewardModelResult", "TaskSpec",
            "ZooError", "get_registry", "hookimpl", "option"]
 
 

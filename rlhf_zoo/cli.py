@@ -77,11 +77,22 @@ def prepare_cmd(
 
 
 # --- zoo run ALGO: one click command per algorithm, built from its config dataclass -------------------
+class LiteralChoice(click.Choice):
+    """A click Choice over a Literal's values that converts back to the value's own type."""
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        self.values = {str(v): v for v in values}
+        super().__init__(list(self.values))
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return self.values[super().convert(str(value), param, ctx)]
+
+
 def _click_type(tp: Any) -> tuple[Any, bool]:
     """(click type, is_flag) for a config field annotation."""
     origin = get_origin(tp)
     if origin is Literal:
-        return click.Choice([str(a) for a in get_args(tp)]), False
+        return LiteralChoice(get_args(tp)), False
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in get_args(tp) if a is not type(None)]
         return _click_type(args[0]) if len(args) == 1 else (str, False)
@@ -117,7 +128,7 @@ def _algorithm_command(name: str) -> click.Command:
         if is_flag:
             params.append(click.Option([f"{flag}/--no-{f.name.replace('_', '-')}"], default=None, help=help_text))
         else:
-            params.append(click.Option([flag], f.name, type=ctype, default=None, help=help_text))
+            params.append(click.Option([flag, f.name], type=ctype, default=None, help=help_text))
 
     def callback(**kwargs: Any) -> None:
         from rlhf_zoo.runner import run
@@ -177,22 +188,29 @@ def build_cli() -> click.Group:
     return group
 
 
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns (and exits with) the exit code."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own bars show progress
+    # Typer vendors its own click, so its exceptions are caught next to click's (the run group is click's).
     try:
         rv = build_cli().main(args=argv, prog_name="zoo", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.Abort:
+    except (click.exceptions.Exit, typer.Exit) as e:  # --help, --version
+        code = e.exit_code
+    except (click.exceptions.Abort, typer.Abort):
         click.echo("zoo: aborted", err=True)
         code = 130
-    except click.ClickException as e:
-        click.echo(f"zoo: error: {e.format_message()}", err=True)
+    except (click.ClickException, typer.TyperException) as e:
+        click.echo(f"zoo: error: {_one_line(e.format_message())}", err=True)
         code = e.exit_code
     except ZooError as e:
-        click.echo(f"zoo: error: {e}", err=True)
+        click.echo(f"zoo: error: {_one_line(str(e))}", err=True)
         code = 1
     if argv is None:
         sys.exit(code)

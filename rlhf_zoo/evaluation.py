@@ -68,7 +68,6 @@ def _evaluate_exact(policy: Any, task: Any, *, reference: torch.nn.Module, rewar
                     beta: float, missing_eos_penalty: float, device: torch.device) -> dict[str, Any]:
     from rlhf_zoo_envs.tasks import exact
 
-    space = task.space
     ref_lp = ModelPolicy(reference).exact_logprobs(task)  # (X, R)
     lp = policy.exact_logprobs(task, temperature)
     scores = space_scores(task, reward_fn, missing_eos_penalty, device)  # (X, R) what the env pays

@@ -33,7 +33,7 @@ def register_tasks(register: Any) -> None:
 
 @hookspec
 def register_reward_functions(register: Any) -> None:
-    """Call ``register(name, factory)``; ``factory(task) -> RewardFunction`` scores responses."""
+    """Call ``register(RewardFunctionSpec(name, factory))``; ``factory(task) -> RewardFunction``."""
 
 
 @hookspec

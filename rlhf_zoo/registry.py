@@ -155,7 +155,11 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
     seen: set[str] = set()
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist, version = _entry_point_dist(ep)
-        if ep.name in blocked or ep.name in seen:
+        if ep.name in blocked:
+            continue
+        if ep.name in seen:
+            reg.load_errors.append(LoadError(ep.name, dist, f"entry point name {ep.name!r} is already taken by "
+                                             "another distribution; this one was not loaded"))
             continue
         if not autoload and dist.lower().replace("_", "-") != CORE_DISTRIBUTION:
             continue
@@ -172,27 +176,37 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
         pm.register(obj, name=name)
         reg.plugins.append(PluginInfo(name, "local", "unknown"))
     pm.check_pending()
-    infos = {p.name: p for p in reg.plugins}
     hooks = (
         ("algorithm", "register_algorithms", reg.algorithms),
         ("task", "register_tasks", reg.tasks),
         ("reward function", "register_reward_functions", reg.reward_functions),
     )
+    # A plugin's registrations are collected first and committed only if all its hooks succeed, so a
+    # plugin that fails half-way leaves nothing behind (and its run-time hooks are unregistered).
+    pending: dict[str, list[tuple[str, dict, Any]]] = {p.name: [] for p in reg.plugins}
+    failed: set[str] = set()
     for kind, hook_name, table in hooks:
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
-            info = infos[impl.plugin_name]
-
-            def register(item: Any, _kind: str = kind, _table: dict = table, _info: PluginInfo = info) -> None:
-                reg._add(_kind, _table, item, _info)
-
+            name = impl.plugin_name
+            if name in failed:
+                continue
+            items: list[tuple[str, dict, Any]] = []
             try:
-                impl.function(register=register)
-            except DuplicateNameError:
-                raise
+                impl.function(register=lambda item, _k=kind, _t=table, _items=items: _items.append((_k, _t, item)))
             except Exception as exc:
+                info = next(p for p in reg.plugins if p.name == name)
                 reg.load_errors.append(
-                    LoadError(info.name, info.distribution, f"{type(exc).__name__}: {exc}", traceback.format_exc())
-                )
+                    LoadError(name, info.distribution, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+                failed.add(name)
+                continue
+            pending[name].extend(items)
+    for info in list(reg.plugins):
+        if info.name in failed:
+            pm.unregister(name=info.name)
+            reg.plugins.remove(info)
+            continue
+        for kind, table, item in pending[info.name]:
+            reg._add(kind, table, item, info)
     return reg
 
 

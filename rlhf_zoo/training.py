@@ -166,6 +166,8 @@ def train_reward_model(
     ks = {len(g.response_ids) for g in groups}
     if len(ks) != 1:
         raise ValueError(f"every ranking must have the same number of responses K; found K in {sorted(ks)}")
+    if ks.pop() < 2:
+        raise ValueError("a ranking needs at least K = 2 responses")
     device = next(model.parameters()).device
 
     def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, int]:

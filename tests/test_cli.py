@@ -7,9 +7,7 @@ import dataclasses
 import json
 import math
 
-import click
 import pytest
-from typer.exceptions import TyperException
 
 from rlhf_zoo.cli import build_cli, main
 from rlhf_zoo.registry import ENV_BLOCK, ENV_DISABLE_AUTOLOAD, get_registry
@@ -204,23 +202,17 @@ def test_cli_run_reward_model_help_has_bool_flag_pair(capsys):
     assert "Subtract the Llama 2 margin" in text
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="library bug: cli.py passes f.name as click.Option's 2nd positional "
-                   "argument, which is show_default, so help shows a bogus '[default: (steps)]'")
 def test_cli_run_help_shows_each_default_once(capsys):
     text = _algorithm_help("sft", capsys)
     assert "[default: (" not in text
     assert text.count("[default: 300]") == 1
 
 
-@pytest.mark.xfail(strict=True, raises=click.exceptions.Exit, reason="library bug: main() does not catch click's Exit raised by --help of "
-                   "the click-built 'run' group/commands (typer vendors its own click)")
 def test_cli_main_help_of_algorithm_returns_0(capsys):
     assert main(["run", "sft", "--help"]) == 0
     assert "--learning-rate" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, raises=TyperException, reason="library bug: main() catches click.ClickException only; typer's "
-                   "vendored click raises typer._click exceptions for the typer commands (list, prepare)")
 def test_cli_unknown_option_of_list_is_one_line(capsys):
     rc = main(["list", "--bogus"])
     assert rc == 2

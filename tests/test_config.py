@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
-from rlhf_zoo_plugins.best_of_n import BestOfNConfig
-from rlhf_zoo_plugins.reward_model import RewardModelConfig
-from rlhf_zoo_plugins.sft import SFTConfig
 
 from rlhf_zoo.config import AlgoConfig, check_range, field_type, option
 from rlhf_zoo.errors import ConfigError, ZooError
+from rlhf_zoo_plugins.best_of_n import BestOfNConfig
+from rlhf_zoo_plugins.reward_model import RewardModelConfig
+from rlhf_zoo_plugins.sft import SFTConfig
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from rlhf_zoo_envs.tasks.hh_language import (
     BENIGN_TOPICS,
     HARMFUL_TOPIC_WORDS,

@@ -100,7 +100,7 @@ class SentimentLanguage:
         if not tokens:
             return {"gold_reward": -EMPTY_PENALTY}
         sentiment, unplaced = _parse(tokens)
-        repeats = sum(a == b for a, b in zip(tokens, tokens[1:]))
+        repeats = sum(a == b for a, b in zip(tokens, tokens[1:], strict=False))
         adjectives = [t for t in tokens if t in POLARITY]
         repeats += len(adjectives) - len(set(adjectives))
         fluency = -UNPLACED_TOKEN_PENALTY * unplaced - REPEAT_PENALTY * repeats

@@ -7,7 +7,7 @@ import torch
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each token among the real tokens of its row: left- and right-padding give the same
-    positions to the same tokens. Padding positions get 0 (their value never matters)."""
+    positions to the same tokens. Values at padding positions are never read."""
     pos = attention_mask.long().cumsum(-1) - 1  # (B, T)
     return pos.clamp(min=0)
 
