@@ -28,11 +28,11 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 from gymnasium import spaces
-from rlhf_zoo_envs.tasks.base import Task
 from transformers import DynamicCache
 
 from rlhf_zoo.ops import logprobs_from_logits, per_token_rewards, position_ids_from_mask, sequence_logprobs
 from rlhf_zoo.ops.kl import KLEstimator, kl_penalty
+from rlhf_zoo_envs.tasks.base import Task
 
 FINISH_EOS = "eos"
 FINISH_LENGTH = "length"
@@ -56,6 +56,8 @@ class EnvConfig(TypedDict, total=False):
     temperature: float
     device: str | torch.device
     progress: bool
+    reference_model: torch.nn.Module | None
+    reward_fn: Any
 
 
 def resolve_task(task: str | Task, seed: int = 0, progress: bool = False) -> Task:
@@ -106,7 +108,7 @@ class IncrementalReference:
             out = core.ref_model(input_ids=prompt_ids, attention_mask=self.attn,
                                  position_ids=position_ids_from_mask(self.attn), past_key_values=self.cache,
                                  use_cache=True)
-        self.next_logits = out.logits[:, -1:]  # (B, 1, V): predicts the next response token
+        self.next_logits = out.logits[:, -1:].clone()  # (B, 1, V) predicts the next token; frees (B, P', V)
         self.next_pos = self.attn.sum(-1, keepdim=True)  # (B, 1)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last (tokens, alive), not yet fed
 
@@ -141,6 +143,9 @@ class GenerationCore:
         truncation_is_terminal: report a response cut at T as terminated rather than truncated.
         temperature: the temperature of the reference log-probs; use the agent's sampling temperature.
         device: where the reference and reward models run and the state tensors live.
+        progress: show build progress when ``task`` is a name whose task is not built yet.
+        reference_model: an already loaded, frozen reference policy to share (None: load the task's).
+        reward_fn: an already built reward function to share (None: build it from ``reward``).
     """
 
     def __init__(
@@ -158,6 +163,8 @@ class GenerationCore:
         temperature: float = 1.0,
         device: str | torch.device = "cpu",
         progress: bool = False,
+        reference_model: torch.nn.Module | None = None,
+        reward_fn: Any = None,
     ) -> None:
         kl_penalty(torch.zeros(1), torch.zeros(1), kl_estimator)  # raises on an unknown estimator
         self.task = resolve_task(task, task_seed, progress)
@@ -174,9 +181,11 @@ class GenerationCore:
         self.truncation_is_terminal = bool(truncation_is_terminal)
         self.temperature = float(temperature)
 
-        self.ref_model = self.task.load_policy(self.device).eval()
+        if reward_fn is not None and reward is not None:
+            raise ValueError("give either reward (a kind) or reward_fn (a reward function), not both")
+        self.ref_model = (reference_model or self.task.load_policy(self.device)).eval()
         self.ref_model.requires_grad_(False)
-        self.reward_fn = self.task.reward_function(reward, self.device)
+        self.reward_fn = reward_fn if reward_fn is not None else self.task.reward_function(reward, self.device)
         self.vocab_size = int(self.ref_model.get_output_embeddings().weight.shape[0])
         self.eos_token_id = int(self.task.eos_token_id)
         self.pad_token_id = int(self.task.pad_token_id)

@@ -97,12 +97,13 @@ class RunContext:
         return float(getattr(self.config, "beta", self.task.beta))
 
     def make_env(self, num_envs: int, kind: str = "ResponseGen", split: str = "train", **kwargs: Any) -> Any:
-        """A vector environment over this run's task, reference and reward."""
+        """A vector environment over this run's task, sharing the run's reference model and reward."""
         import gymnasium
 
         return gymnasium.make_vec(f"rlhf_zoo/{kind}-v0", num_envs=num_envs, task=self.task, split=split,
-                                  max_new_tokens=self.max_new_tokens, device=str(self.device),
-                                  beta=self.beta, **kwargs)
+                                  max_new_tokens=self.max_new_tokens, device=str(self.device), beta=self.beta,
+                                  temperature=self.config.temperature, reference_model=self.reference,
+                                  reward_fn=self.reward_fn, **kwargs)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:

@@ -31,6 +31,15 @@ PROPERTY = settings(max_examples=25, deadline=None, database=None, phases=(Phase
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The models are tiny: one intra-op thread is as fast, and several slow down ~5x on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def envs(exact_task):
     """One env of each kind on the exact task (T = 4), built once."""
