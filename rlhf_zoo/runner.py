@@ -211,6 +211,9 @@ def run(
     registry: Registry | None = None,
 ) -> dict[str, Any]:
     """Run ``algorithm`` on ``task`` and write the run directory. Returns summary.json's content."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars; the runner shows its own progress
     registry = registry or get_registry()
     algo = registry.algorithm(algorithm)
     config = algo.config_cls.from_dict(options or {}, preset=preset)
