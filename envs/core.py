@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -406,3 +407,42 @@ def row_info(info: Mapping[str, Any], i: int = 0) -> dict[str, Any]:
             x = str(x)
         out[key] = x
     return out
+
+
+class SingleEnv(gym.Env):
+    """The shared part of the single-episode environments: one row of a batched episode class.
+
+    Subclasses set ``episodes_cls`` (built as ``episodes_cls(core, prompt_index)``), implement
+    ``action_space_for(core)`` and ``step``.
+    """
+
+    metadata = {"render_modes": ["ansi"]}
+    episodes_cls: type
+
+    def __init__(self, task: str | Task, *, render_mode: str | None = None, **config: Any) -> None:
+        self.core = GenerationCore(task, **config)
+        self.observation_space = self.core.observation_space()
+        self.action_space = self.action_space_for(self.core)
+        self.render_mode = render_mode
+        self._episodes: Any = None
+
+    def action_space_for(self, core: GenerationCore) -> spaces.Dict:
+        raise NotImplementedError
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        super().reset(seed=seed)
+        idx = self.core.choose_prompts(self.np_random, 1, options)
+        self._episodes = self.episodes_cls(self.core, idx)
+        return row_observation(self._episodes.observation()), row_info(self.core.reset_info(idx))
+
+    def _require(self) -> Any:
+        if self._episodes is None:
+            raise gym.error.ResetNeeded("call reset() before step()")
+        return self._episodes
+
+    def render(self) -> str | None:
+        if self.render_mode != "ansi" or self._episodes is None:
+            return None
+        ep = self._episodes
+        prompt = self.core.task.decode(ep.prompt_ids, ep.prompt_mask)[0]
+        return f"{prompt} | {self.core.task.decode(ep.response_ids, ep.response_mask)[0]}"

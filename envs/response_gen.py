@@ -33,6 +33,7 @@ from rlhf_zoo_envs.core import (
     EnvConfig,
     GenerationCore,
     Outcome,
+    SingleEnv,
     as_tensor,
     row_info,
     row_observation,
@@ -116,7 +117,7 @@ class ResponseEpisodes:
         return res["returns"], self.core.end_info(out, rows, self.n, extra={"kl": out.kl})
 
 
-class ResponseGenEnv(gym.Env):
+class ResponseGenEnv(SingleEnv):
     """One prompt, one step: submit a whole response, get its return; the episode then terminates.
 
     Observation: as `rlhf_zoo_envs.token_gen.TokenGenEnv` (the prompt at reset, prompt + response after).
@@ -129,37 +130,18 @@ class ResponseGenEnv(gym.Env):
     Reset options: ``{"prompt_index": i}``. Keyword arguments: see `rlhf_zoo_envs.core.GenerationCore`.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    episodes_cls = ResponseEpisodes
 
-    def __init__(self, task: str | Task, *, render_mode: str | None = None, **config: Unpack[EnvConfig]) -> None:
-        self.core = GenerationCore(task, **config)
-        self.observation_space = self.core.observation_space()
-        self.action_space = response_action_space(self.core.vocab_size, self.core.max_new_tokens)
-        self.render_mode = render_mode
-        self._episodes: ResponseEpisodes | None = None
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
-        super().reset(seed=seed)
-        idx = self.core.choose_prompts(self.np_random, 1, options)
-        self._episodes = ResponseEpisodes(self.core, idx)
-        return row_observation(self._episodes.observation()), row_info(self.core.reset_info(idx))
+    def action_space_for(self, core: GenerationCore) -> spaces.Dict:
+        return response_action_space(core.vocab_size, core.max_new_tokens)
 
     def step(self, action: dict[str, Any]) -> tuple[dict, float, bool, bool, dict]:
-        ep = self._episodes
-        if ep is None:
-            raise gym.error.ResetNeeded("call reset() before step()")
+        ep = self._require()
         dev, T = self.core.device, self.core.max_new_tokens
         rewards, info = ep.step(as_tensor(action["tokens"], torch.long, dev, (1, T)),
                                 as_tensor(action["logprobs"], torch.float32, dev, (1, T)),
                                 as_tensor(action["length"], torch.long, dev, (1,)))
         return row_observation(ep.observation()), float(rewards[0]), True, False, row_info(info)
-
-    def render(self) -> str | None:
-        if self.render_mode != "ansi" or self._episodes is None:
-            return None
-        ep = self._episodes
-        prompt = self.core.task.decode(ep.prompt_ids, ep.prompt_mask)[0]
-        return f"{prompt} | {self.core.task.decode(ep.response_ids, ep.response_mask)[0]}"
 
 
 class ResponseGenVectorEnv(VectorEnv):

@@ -30,6 +30,7 @@ from rlhf_zoo_envs.core import (
     EnvConfig,
     GenerationCore,
     IncrementalReference,
+    SingleEnv,
     as_tensor,
     row_info,
     row_observation,
@@ -110,7 +111,7 @@ class TokenEpisodes:
         return rewards, info
 
 
-class TokenGenEnv(gym.Env):
+class TokenGenEnv(SingleEnv):
     """One text-generation episode, one token per step.
 
     Observation (``spaces.Dict`` of fixed-shape numpy arrays; P = widest prompt of the split, T = cap):
@@ -133,38 +134,19 @@ class TokenGenEnv(gym.Env):
     Keyword arguments: see `rlhf_zoo_envs.core.GenerationCore` (``task`` is a name or a `Task`).
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    episodes_cls = TokenEpisodes
 
-    def __init__(self, task: str | Task, *, render_mode: str | None = None, **config: Unpack[EnvConfig]) -> None:
-        self.core = GenerationCore(task, **config)
-        self.observation_space = self.core.observation_space()
-        self.action_space = token_action_space(self.core.vocab_size)
-        self.render_mode = render_mode
-        self._episodes: TokenEpisodes | None = None
-
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
-        super().reset(seed=seed)
-        idx = self.core.choose_prompts(self.np_random, 1, options)
-        self._episodes = TokenEpisodes(self.core, idx)
-        return row_observation(self._episodes.observation()), row_info(self.core.reset_info(idx))
+    def action_space_for(self, core: GenerationCore) -> spaces.Dict:
+        return token_action_space(core.vocab_size)
 
     def step(self, action: dict[str, Any]) -> tuple[dict, float, bool, bool, dict]:
-        ep = self._episodes
-        if ep is None:
-            raise gym.error.ResetNeeded("call reset() before step()")
+        ep = self._require()
         dev = self.core.device
         tokens = as_tensor(action["token"], torch.long, dev, (1,))
         logprobs = as_tensor(action["logprob"], torch.float32, dev, (1,))
         rewards, info = ep.step(tokens, logprobs)
         return (row_observation(ep.observation()), float(rewards[0]), bool(ep.terminated[0]),
                 bool(ep.truncated[0]), row_info(info))
-
-    def render(self) -> str | None:
-        if self.render_mode != "ansi" or self._episodes is None:
-            return None
-        ep = self._episodes
-        prompt = self.core.task.decode(ep.prompt_ids, ep.prompt_mask)[0]
-        return f"{prompt} | {self.core.task.decode(ep.response_ids, ep.response_mask)[0]}"
 
 
 class TokenGenVectorEnv(VectorEnv):

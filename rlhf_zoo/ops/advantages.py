@@ -1,0 +1,57 @@
+"""Advantages and returns for token-level RL, and whitening.
+
+Time semantics: index t is the t-th response token; ``values[t]`` = V(s_t), the value of the state
+before emitting token t; ``rewards[t]`` = r_t, the reward for emitting it. Positions where ``mask`` is 0
+(after the end of the response) are outside the episode: V = 0 there and nothing is bootstrapped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_zoo.ops.masking import masked_mean
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, Eq. 16).
+
+        delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = sum_l (gamma lam)^l delta_{t+l}
+
+    V(s_{T}) = 0 after the last real token (episodes end at EOS or are cut at the cap; the cut is
+    treated as terminal, as InstructGPT-style implementations do). lam = 0 gives the TD error;
+    gamma = lam = 1 gives reward-to-go minus V(s_t).
+
+    Args:
+        rewards, values, mask: (B, T).
+    Returns:
+        advantages, returns = advantages + values; both (B, T), 0 where the mask is 0.
+    """
+    m = mask.to(rewards.dtype)
+    values = values * m
+    rewards = rewards * m
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(T)):
+        next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * m
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to unit variance over the counted entries (and zero mean when ``shift_mean``);
+    entries off the mask are returned as 0. With fewer than 2 counted entries, only centre."""
+    mean = masked_mean(x, mask)
+    centred = torch.where(mask.bool(), x - mean, torch.zeros_like(x))
+    n = mask.sum()
+    if n < 2:
+        return centred if shift_mean else torch.where(mask.bool(), x, torch.zeros_like(x))
+    var = centred.square().sum() / (n - 1)
+    out = centred * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = torch.where(mask.bool(), out + mean, out)
+    return out
