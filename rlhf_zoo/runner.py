@@ -94,7 +94,9 @@ class RunContext:
 
     @property
     def beta(self) -> float:
-        return float(getattr(self.config, "beta", self.task.beta))
+        """The KL coefficient: the config's ``beta`` when it has one and it is set, else the task's."""
+        beta = getattr(self.config, "beta", None)
+        return float(self.task.beta if beta is None else beta)
 
     def make_env(self, num_envs: int, kind: str = "ResponseGen", split: str = "train", **kwargs: Any) -> Any:
         """A vector environment over this run's task, sharing the run's reference model and reward."""

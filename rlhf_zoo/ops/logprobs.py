@@ -53,3 +53,20 @@ def sequence_logprobs(
     )
     logits = out.logits[:, response_start - 1 : -1]  # (B, T, V): position t predicts token t + 1
     return logprobs_from_logits(logits, input_ids[:, response_start:], temperature, suppress_ids)
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    suppress_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Per-token log-probs of right-padded responses after left-padded prompts, 0 off the mask.
+    prompt (B, P), response (B, T) -> (B, T). Sum them for log pi(y|x) (DPO), average for RRHF's score."""
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    lp = sequence_logprobs(model, ids, mask, prompt_ids.shape[1], temperature, suppress_ids)
+    return torch.where(response_mask.bool(), lp, torch.zeros_like(lp))
