@@ -107,3 +107,13 @@ def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     last = last_true_index(attention_mask).clamp(min=0)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return _score_head(model)(pooled).squeeze(-1).float()
+
+
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_start: int) -> torch.Tensor:
+    """Per-token values of a critic with a scalar head: V(s_t) for response token t is the head read at
+    the position just before it (the state ``prompt + response[:t]``).  (B, P + T) -> (B, T) fp32."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state  # (B, P + T, H)
+    return _score_head(model)(hidden[:, response_start - 1 : -1]).squeeze(-1).float()

@@ -198,6 +198,43 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
 
+def make_context(
+    algorithm: str,
+    *,
+    task: str = DEFAULT_TASK,
+    seed: int = 0,
+    out: str | Path = "runs/latest",
+    device: str = "auto",
+    preset: str | None = None,
+    options: dict[str, Any] | None = None,
+    task_seed: int = 0,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+    registry: Registry | None = None,
+) -> RunContext:
+    """Resolve the config, load the task, seed, and load the policy, reference and reward: everything
+    an algorithm's ``train`` receives. `run` calls it; tests and tools can too."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars; the runner shows its own progress
+    registry = registry or get_registry()
+    algo = registry.algorithm(algorithm)
+    config = algo.config_cls.from_dict(options or {}, preset=preset)
+    task_spec = registry.task(task)
+    dev = resolve_device(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    the_task = task_spec.load(seed=task_seed, progress=progress)
+    seed_everything(seed)
+    reference = the_task.load_policy(dev).requires_grad_(False)
+    policy = the_task.load_policy(dev)
+    reward_fn = the_task.reward_function(device=dev)
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    return RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
+                      checkpoint_every=checkpoint_every, show_progress=progress)
+
+
 def run(
     algorithm: str,
     *,
@@ -213,33 +250,18 @@ def run(
     registry: Registry | None = None,
 ) -> dict[str, Any]:
     """Run ``algorithm`` on ``task`` and write the run directory. Returns summary.json's content."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file loading bars; the runner shows its own progress
-    registry = registry or get_registry()
-    algo = registry.algorithm(algorithm)
-    config = algo.config_cls.from_dict(options or {}, preset=preset)
-    task_spec = registry.task(task)
-    dev = resolve_device(device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
     wall_start = time.perf_counter()
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-
     # 1) task, models, seeding
-    the_task = task_spec.load(seed=task_seed, progress=progress)
-    seed_everything(seed)
-    reference = the_task.load_policy(dev).requires_grad_(False)
-    policy = the_task.load_policy(dev)
-    reward_fn = the_task.reward_function(device=dev)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    ctx = RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
-                     checkpoint_every=checkpoint_every, show_progress=progress)
+    ctx = make_context(algorithm, task=task, seed=seed, out=out, device=device, preset=preset, options=options,
+                       task_seed=task_seed, checkpoint_every=checkpoint_every, progress=progress,
+                       registry=registry)
+    algo, config, registry, the_task, out = ctx.algorithm, ctx.config, ctx.registry, ctx.task, ctx.out
     plugins = [{"name": p.name, "distribution": p.distribution, "version": p.version} for p in registry.plugins]
     provided = registry.provided_by[("algorithm", algo.name)]
-    resolved = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed, "device": str(dev),
+    resolved = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed, "device": str(ctx.device),
                 "preset": preset or "default", "config": config.to_dict(), "beta": ctx.beta,
                 "max_new_tokens": ctx.max_new_tokens, "algorithm_plugin": provided.name,
                 "algorithm_distribution": provided.distribution, "plugins": plugins,
