@@ -29,7 +29,8 @@ from rlhf_zoo.registry import Algorithm
 
 @dataclass(frozen=True)
 class BestOfNConfig(AlgoConfig):
-    presets = {"quick": {"n": 8, "eval_prompts": 64, "eval_samples": 2}}
+    presets = {"quick": {"n": 8, "eval_prompts": 64, "eval_samples": 2},
+               "smoke": {"n": 2, "eval_prompts": 2, "eval_samples": 1}}
 
     n: int = option(16, "Candidates sampled per prompt.")
 
@@ -95,4 +96,5 @@ def train(ctx, cfg: BestOfNConfig) -> BestOfNPolicy:
 @hookimpl
 def register_algorithms(register) -> None:
     register(Algorithm("best-of-n", BestOfNConfig, train,
-                       "Sample N per prompt, return the reward model's best (inference-time; nothing trained)."))
+                       "Sample N per prompt, return the reward model's best (inference-time; nothing trained).",
+                       kind="inference"))

@@ -24,7 +24,7 @@ from rlhf_zoo.training import RankingRow, ranking_accuracy, train_reward_model
 
 @dataclass(frozen=True)
 class RewardModelConfig(AlgoConfig):
-    presets = {"quick": {"steps": 100}}
+    presets = {"quick": {"steps": 100}, "smoke": {"steps": 2, "batch_size": 4}}
 
     steps: int = option(300, "Optimizer steps.")
     batch_size: int = option(32, "Prompts per step (each with its K ranked responses).")
@@ -87,4 +87,5 @@ def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
 @hookimpl
 def register_algorithms(register) -> None:
     register(Algorithm("reward-model", RewardModelConfig, train,
-                       "Reward model from K ranked responses per prompt (pairwise loss, optional Llama 2 margin)."))
+                       "Reward model from K ranked responses per prompt (pairwise loss, optional Llama 2 margin).",
+                       kind="reward_model"))

@@ -21,7 +21,8 @@ from rlhf_zoo.training import lm_row, train_lm
 
 @dataclass(frozen=True)
 class SFTConfig(AlgoConfig):
-    presets = {"quick": {"steps": 100, "eval_prompts": 32}}
+    presets = {"quick": {"steps": 100, "eval_prompts": 32},
+               "smoke": {"steps": 2, "batch_size": 8, "start_from": "sft", "eval_prompts": 2, "eval_samples": 1}}
 
     steps: int = option(300, "Optimizer steps.")
     batch_size: int = option(64, "Sequences per step.")

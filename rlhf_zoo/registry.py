@@ -42,12 +42,19 @@ class Algorithm:
         train: ``train(ctx: RunContext, config) -> Policy``. The runner owns seeding, device,
             evaluation, logging and saving; ``train`` owns only the algorithm.
         description: one line for ``zoo list``.
+        kind: ``policy`` (trains the policy), ``inference`` (changes how the policy answers, trains
+            nothing, e.g. best-of-N) or ``reward_model`` (trains a reward model).
+
+    Conventions: ``config_cls.presets`` may hold ``quick`` (a run of about a minute on two CPU cores)
+    and should hold ``smoke`` (the smallest run that makes at least one update), which the conformance
+    tests use.
     """
 
     name: str
     config_cls: type
     train: Callable[..., Any]
     description: str = ""
+    kind: str = "policy"
 
 
 @dataclass(frozen=True)

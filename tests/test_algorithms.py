@@ -1,0 +1,55 @@
+"""Contract every registered algorithm must meet (DESIGN.md sections 5 and 8), built-ins and plugins alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from rlhf_zoo.policy import ModelPolicy, RewardModelResult
+from rlhf_zoo.registry import get_registry
+from rlhf_zoo.runner import make_context
+
+BUILTINS = {"sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo", "rrhf", "rejection-sampling"}
+ALGORITHMS = sorted(get_registry().algorithms)
+
+
+def test_every_builtin_algorithm_is_registered():
+    assert BUILTINS <= set(ALGORITHMS), f"missing: {BUILTINS - set(ALGORITHMS)}; errors: {get_registry().load_errors}"
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_algorithm_config_is_frozen_with_help_and_smoke_preset(name):
+    cls = get_registry().algorithm(name).config_cls
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{name}: field {f.name} has no help text"
+    assert "smoke" in cls.presets, f"{name}: no smoke preset"
+    assert "quick" in cls.presets, f"{name}: no quick preset"
+    cls.from_dict({}, preset="smoke")  # valid
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_algorithm_one_update_changes_trainable_parameters_and_not_the_reference(name, exact_task, tmp_path):
+    ctx = make_context(name, task="exact", out=tmp_path, device="cpu", preset="smoke", progress=False)
+    ref_before = {k: v.clone() for k, v in ctx.reference.state_dict().items()}
+    start = {k: v.detach().clone() for k, v in ctx.policy.named_parameters()}
+    result = ctx.algorithm.train(ctx, ctx.config)
+    for k, v in ctx.reference.state_dict().items():
+        assert torch.equal(v, ref_before[k]), f"{name} changed the reference ({k})"
+    assert all(not p.requires_grad for p in ctx.reference.parameters())
+    kind = ctx.algorithm.kind
+    if kind == "reward_model":
+        assert isinstance(result, RewardModelResult)
+        assert all(math.isfinite(v) for v in result.metrics.values() if isinstance(v, float))
+        return
+    assert isinstance(result, ModelPolicy)
+    if kind == "inference":
+        return
+    trained = dict(result.model.named_parameters())
+    unchanged = [k for k, p in trained.items() if p.requires_grad and k in start and torch.equal(p, start[k])]
+    assert not unchanged, f"{name}: one update left {unchanged} unchanged"
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        assert "NaN" not in line and "Infinity" not in line
