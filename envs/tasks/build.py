@@ -98,6 +98,7 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
     """Build every artifact of a task into ``path`` (atomically). Returns the manifest."""
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
+    _remove_stale_builds(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
@@ -226,6 +227,17 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _remove_stale_builds(path: Path) -> None:
+    """Delete temporary build folders of this task left by processes that no longer run."""
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        try:
+            os.kill(int(tmp.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
 
 
 def _sample_responses(model, tok, prompts: list[str], spec: BuildSpec, suppress: list[int], seed: int) -> list[list[str]]:
