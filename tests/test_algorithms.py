@@ -53,3 +53,14 @@ def test_algorithm_one_update_changes_trainable_parameters_and_not_the_reference
     assert not unchanged, f"{name}: one update left {unchanged} unchanged"
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
         assert "NaN" not in line and "Infinity" not in line
+
+
+def test_hh_runs_optimise_the_llama2_combination_and_report_both_objectives(tmp_path):
+    from rlhf_zoo.runner import run
+    from rlhf_zoo_envs.tasks.hh import Llama2Reward
+
+    ctx = make_context("best-of-n", task="hh", out=tmp_path / "ctx", device="cpu", preset="smoke", progress=False)
+    assert isinstance(ctx.reward_fn, Llama2Reward)  # what the environment pays on hh
+    s = run("best-of-n", task="hh", out=tmp_path / "run", device="cpu", preset="smoke", progress=False)
+    for key in ("gold_helpfulness", "gold_harmlessness", "baseline_gold_helpfulness", "baseline_gold_harmlessness"):
+        assert math.isfinite(s[key])
