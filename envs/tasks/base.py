@@ -172,8 +172,9 @@ class Task:
         return json.loads((self.path / "data" / f"prompts_{split}.json").read_text())
 
     def dataset(self, name: str) -> Any:
-        """A saved `datasets.Dataset`: ``pretrain``, ``sft``, ``rankings``, ``pairs`` (and per-RM
-        variants on ``hh``: ``rankings_helpful``, ``rankings_safety``, ...)."""
+        """A saved `datasets.Dataset`: ``pretrain``, ``sft``, ``pairs``, and per reward model
+        ``rankings_<rm>`` / ``heldout_<rm>`` (``rankings_reward``; on ``hh`` ``rankings_helpful``,
+        ``rankings_safety``, ...)."""
         import datasets
 
         return datasets.load_from_disk(str(self.path / "data" / name))
