@@ -76,6 +76,27 @@ def prepare_cmd(
                    f"{rm['heldout_gold_accuracy']:.3f}")
 
 
+@app.command("bench")
+def bench_cmd(
+    out: Path = typer.Option(..., help="Benchmark directory (runs/, results.json, report.md, plots/)."),
+    suite: str = typer.Option(None, help="Suite name in benchmarks/suites (quick, full) or a path to a .json."),
+    algos: str = typer.Option(None, help="Ad hoc form: comma-separated algorithms."),
+    tasks: str = typer.Option(None, help="Ad hoc form: comma-separated tasks (default: sentiment)."),
+    seeds: int = typer.Option(None, help="Ad hoc form: seeds 0..N-1 (default: 3)."),
+    preset: str = typer.Option(None, help="Ad hoc form: preset of every algorithm (default: default)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Benchmark algorithms (IQM, bootstrap CIs, probability of improvement); resumes an existing --out."""
+    from rlhf_zoo.bench.command import bench
+
+    results = bench(out=out, suite=suite, algos=algos, tasks=tasks, seeds=seeds, preset=preset, device=device,
+                    progress=not quiet)
+    ex = results["execution"]
+    typer.echo(f"bench: {ex['runs']} runs ({ex['executed']} run now, {ex['skipped']} reused); "
+               f"report: {out / 'report.md'}")
+
+
 # --- zoo run ALGO: one click command per algorithm, built from its config dataclass -------------------
 class LiteralChoice(click.Choice):
     """A click Choice over a Literal's values that converts back to the value's own type."""

@@ -1,0 +1,80 @@
+"""Execute a suite's runs: one `rlhf_zoo.runner.run` per (algorithm, task, variant, seed), each in a fresh
+process (`rlhf_zoo.bench.worker`), skipping runs whose summary.json exists (the benchmark resumes).
+
+A finished run is reused only if its config.json matches what the suite asks for (algorithm, task, seed,
+preset, resolved config); otherwise the benchmark stops rather than mix two protocols in one table.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rlhf_zoo.bench.suite import RunSpec
+from rlhf_zoo.errors import ZooError
+
+STDERR_LOG = "stderr.log"
+
+
+class RunFailedError(ZooError):
+    """A benchmark run exited with an error; its stderr is kept in the run directory."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    spec: RunSpec
+    summary: dict[str, Any]
+    run_config: dict[str, Any]  # the run's config.json (versions, git commit, device, argv)
+    executed: bool  # False: reused from an earlier invocation
+
+
+def check_resumable(spec: RunSpec, run_dir: Path) -> None:
+    """Raise if the finished run in ``run_dir`` is not the run ``spec`` describes."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ZooError(f"{run_dir} has summary.json but no config.json; delete the directory to rerun it")
+    got = json.loads(path.read_text())
+    want = {"algorithm": spec.algorithm, "task": spec.task, "seed": spec.seed, "preset": spec.preset,
+            "config": spec.config}
+    diff = [k for k, v in want.items() if got.get(k) != v]
+    if diff:
+        details = "; ".join(f"{k}: found {got.get(k)!r}, expected {want[k]!r}" for k in diff)
+        raise ZooError(f"{run_dir} holds a different run ({details}); use another --out or delete it")
+
+
+def execute(spec: RunSpec, run_dir: Path, device: str) -> None:
+    """Run ``spec`` in a fresh Python process; on failure keep stderr in the run directory and raise."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"algorithm": spec.algorithm, "task": spec.task, "seed": spec.seed, "out": str(run_dir),
+               "device": device, "preset": spec.preset, "options": spec.options}
+    proc = subprocess.run([sys.executable, "-m", "rlhf_zoo.bench.worker", json.dumps(payload)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        (run_dir / STDERR_LOG).write_text(proc.stderr)
+        last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
+        raise RunFailedError(f"{spec.algorithm} on {spec.task} ({spec.variant}, seed {spec.seed}) failed: {last} "
+                             f"(full stderr: {run_dir / STDERR_LOG}); rerun the same command to resume")
+
+
+def run_all(specs: list[RunSpec], out: Path, *, device: str = "auto", progress: bool = True) -> list[RunResult]:
+    """Every run of ``specs`` under ``out/runs/``, with a progress bar over runs."""
+    results = []
+    bar = tqdm(specs, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
+    for spec in bar:
+        run_dir = spec.run_dir(out)
+        done = (run_dir / "summary.json").is_file()
+        bar.set_postfix_str(f"{spec.task}/{spec.algorithm}/{spec.variant}/seed{spec.seed}"
+                            + (" (done)" if done else ""), refresh=True)
+        if done:
+            check_resumable(spec, run_dir)
+        else:
+            execute(spec, run_dir, device)
+        results.append(RunResult(spec, json.loads((run_dir / "summary.json").read_text()),
+                                 json.loads((run_dir / "config.json").read_text()), executed=not done))
+    return results

@@ -1,0 +1,132 @@
+"""Benchmark figures (PNG, matplotlib's Agg backend), drawn from results.json's content alone:
+
+- ``frontier_TASK.png``: gold reward vs KL to the reference, one point per algorithm variant (IQM over
+  seeds, 95% interval bars on both axes), variants of one algorithm joined by increasing KL; on
+  ``exact`` also the exact optimal frontier (pi*_beta over a beta sweep) and the SFT point;
+- ``overoptimisation_TASK.png``: proxy vs gold reward per run, one colour per algorithm (Gao et al.
+  2022: past some point the proxy keeps rising while the gold reward stalls or falls);
+- ``systems_TASK.png``: time per phase (stacked, mean over seeds, the rest of the wall time as "other"),
+  tokens/s and peak memory per algorithm (default variants).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rlhf_zoo.bench.suite import DEFAULT_VARIANT
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_algorithm(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r["algorithm"], []).append(r)
+    return out
+
+
+def _err(m: dict[str, Any]) -> list[list[float]]:
+    lo, hi = m["iqm_ci"]
+    return [[max(m["iqm"] - lo, 0.0)], [max(hi - m["iqm"], 0.0)]]
+
+
+def frontier(task: str, records: list[dict[str, Any]], exact: dict[str, Any] | None, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    if exact:
+        ax.plot(exact["frontier"]["kl"], exact["frontier"]["reward"], "k-", lw=1.5, label="optimal pi*_beta (exact)")
+        ax.plot([0.0], [exact["baseline_gold_reward"]], "k*", ms=10, label="SFT (reference)")
+    for i, (algo, recs) in enumerate(_by_algorithm(records).items()):
+        recs = sorted((r for r in recs if {"gold_reward", "kl_to_ref"} <= set(r["metrics"])),
+                      key=lambda r: r["metrics"]["kl_to_ref"]["iqm"])
+        xs = [r["metrics"]["kl_to_ref"]["iqm"] for r in recs]
+        ys = [r["metrics"]["gold_reward"]["iqm"] for r in recs]
+        color = f"C{i % 10}"
+        ax.plot(xs, ys, "-", color=color, alpha=0.5)
+        for r, x, y in zip(recs, xs, ys, strict=True):
+            ax.errorbar([x], [y], xerr=_err(r["metrics"]["kl_to_ref"]), yerr=_err(r["metrics"]["gold_reward"]),
+                        fmt="o", color=color, capsize=3, label=algo if r is recs[0] else None)
+            if r["variant"] != DEFAULT_VARIANT:
+                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(pi || pi_ref)  (IQM over seeds, 95% CI)")
+    ax.set_ylabel("gold reward  (IQM over seeds, 95% CI)")
+    ax.set_title(f"{task}: gold reward vs KL to the reference")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def overoptimisation(task: str, records: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for i, (algo, recs) in enumerate(_by_algorithm(records).items()):
+        xs = [v for r in recs if "proxy_reward" in r["metrics"] for v in r["metrics"]["proxy_reward"]["per_seed"]]
+        ys = [v for r in recs if "proxy_reward" in r["metrics"] for v in r["metrics"]["gold_reward"]["per_seed"]]
+        ax.scatter(xs, ys, color=f"C{i % 10}", label=algo, alpha=0.8)
+    ax.set_xlabel("proxy reward (what the algorithm optimised)")
+    ax.set_ylabel("gold reward")
+    ax.set_title(f"{task}: proxy vs gold, one point per run")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def systems(task: str, records: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    recs = [r for r in records if r["variant"] == DEFAULT_VARIANT]
+    names = [r["algorithm"] for r in recs]
+    phases = sorted({p for r in recs for p in r["phase_seconds"]})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
+    bottom = [0.0] * len(recs)
+    for i, phase in enumerate(phases):
+        values = [r["phase_seconds"].get(phase, 0.0) for r in recs]
+        axes[0].bar(names, values, bottom=bottom, color=f"C{i % 10}", label=phase)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    other = [max(r["systems"].get("wall_seconds", {}).get("mean", 0.0) - b, 0.0) for r, b in zip(recs, bottom, strict=True)]
+    axes[0].bar(names, other, bottom=bottom, color="0.8", label="other (load, save)")
+    axes[0].set_ylabel("seconds per run (mean over seeds; total = wall time)")
+    axes[0].set_title("time per phase")
+    axes[0].legend(fontsize=8)
+    for ax, key, label in ((axes[1], "tokens_per_second", "tokens / s (generated + trained)"),
+                           (axes[2], "peak_memory_mb", "peak memory, MB")):
+        ax.bar(names, [r["systems"].get(key, {}).get("mean", 0.0) for r in recs], color="C7")
+        ax.set_title(label)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(f"{task}: systems")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def draw_all(results: dict[str, Any], out: Path) -> list[str]:
+    """Every figure for every task; returns the paths relative to ``out``."""
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in dict.fromkeys(r["task"] for r in results["records"]):
+        records = [r for r in results["records"] if r["task"] == task]
+        exact = results.get("exact_checks", {}).get(task)
+        paths = [f"plots/{name}_{task}.png" for name in ("frontier", "overoptimisation", "systems")]
+        frontier(task, records, exact, out / paths[0])
+        overoptimisation(task, records, out / paths[1])
+        systems(task, records, out / paths[2])
+        written += paths
+    return written

@@ -1,0 +1,22 @@
+"""``python -m rlhf_zoo.bench.worker SPEC_JSON``: one benchmark run in a fresh process.
+
+A fresh process per run keeps runs independent: peak memory (the process's peak RSS on CPU) and wall
+time are the run's own, and no state (caches, RNG, allocator) carries from one algorithm to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    from rlhf_zoo.runner import run
+
+    run(spec["algorithm"], task=spec["task"], seed=spec["seed"], out=spec["out"], device=spec["device"],
+        preset=spec["preset"], options=spec["options"], progress=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
