@@ -36,7 +36,7 @@ from rlhf_zoo.models import new_causal_lm, reward_model_from_policy, tiny_llama_
 from rlhf_zoo.training import RankingRow, lm_row, ranking_accuracy, train_lm, train_reward_model
 from rlhf_zoo_envs.tasks import labelers
 
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 STAGE_STREAMS = {"pretrain": 1, "sft": 2, "prompts": 3, "rankings": 4, "labelers": 5, "train": 6}
 
@@ -104,7 +104,8 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
     (tmp / "data").mkdir(parents=True)
     timings: dict[str, float] = {}
     manifest: dict[str, Any] = {"task": name, "seed": seed, "build_version": BUILD_VERSION,
-                                "spec": dataclasses.asdict(spec), "timings_s": timings}
+                                "spec": dataclasses.asdict(spec), "timings_s": timings,
+                                "torch_threads": torch.get_num_threads()}
     stages = ["tokenizer", "pretrain", "sft", "rankings", *[f"rm:{n}" for n in spec.reward_models]]
     bar = tqdm(total=len(stages), desc=f"building task {name!r}", disable=not progress)
     start = time.perf_counter()

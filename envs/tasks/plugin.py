@@ -14,7 +14,7 @@ from rlhf_zoo_envs.tasks.build import BuildSpec, build_task, task_dir
 EXACT_SPEC = BuildSpec(
     max_new_tokens=4, beta=0.5, missing_eos_penalty=0.0, labeler_agreement=None, hidden_size=32, num_layers=2,
     num_heads=2, max_positions=16, pretrain_docs=4000, pretrain_steps=300, sft_examples=1000, sft_steps=150,
-    train_prompts=512, eval_prompts=9, ranking_prompts=600, heldout_prompts=150, rm_steps=150,
+    train_prompts=512, eval_prompts=9, ranking_prompts=6000, heldout_prompts=300, rm_steps=300,
 )
 SENTIMENT_SPEC = BuildSpec(max_new_tokens=16, beta=0.1, missing_eos_penalty=1.0)
 HH_SPEC = BuildSpec(max_new_tokens=20, beta=0.1, missing_eos_penalty=1.0,

@@ -1,0 +1,242 @@
+"""``dpo``: Direct Preference Optimization (Rafailov et al. 2023), with the IPO, hinge and cDPO variants.
+
+The KL-regularised RLHF objective has the closed-form optimum pi*(y|x) = pi_ref(y|x) exp(r(x,y) / beta) / Z(x)
+(Eq. 4), so r = beta log(pi* / pi_ref) + beta log Z, and Bradley-Terry preferences give a loss on the policy
+alone (Eq. 7):
+
+    h(x, y_w, y_l) = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+    sigmoid: -log sigmoid(beta h)                                            (DPO, Eq. 7)
+    cDPO:    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)       (label smoothing; Mitchell 2023)
+    ipo:     (h - 1 / (2 beta))^2                                            (Azar et al. 2023, Eq. 17)
+    hinge:   max(0, 1 - beta h)                                              (SLiC-HF, Zhao et al. 2023)
+    + rpo_alpha * mean token NLL of y_w    (optional; RPO, Pang et al. 2024; Liu et al. 2024)
+
+Implementation details:
+  1. Data: the task's ``pairs`` dataset, or a user file of prompt/chosen/rejected rows or of prompt + ranked
+     ``responses`` (each ranking gives its C(K,2) pairs). Prompts are left-padded with BOS first;
+     responses right-padded with EOS appended, cut at the response length cap like sampled responses.
+  2. A pair whose chosen and rejected token ids are identical carries no preference (its loss gradient is
+     0 for every variant): such pairs are counted, reported as ``identical_pairs`` and excluded.
+  3. log pi(y|x) is the sum of the response tokens' log-probs at temperature 1 (EOS included, suppressed
+     ids at -inf, position ids from the mask), via `rlhf_zoo.ops.response_logprobs`.
+  4. The reference log-probs of the whole dataset are computed ONCE before training (no grad, batched)
+     and cached; the training loop never runs the reference model.
+  5. Chosen and rejected responses go through the policy in ONE forward of 2B rows (chosen first).
+  6. AdamW without weight decay, linear warmup then linear decay to 0, gradient norm clipped to 1,
+     shuffled epochs. Models are built with dropout 0; the policy is in train mode while it trains.
+  7. Logged per step: loss, reward accuracy (implicit reward beta (log pi - log pi_ref) of the chosen >
+     the rejected), reward margin, chosen and rejected rewards, NLL of the chosen responses.
+  8. The loss is blind to moving probability between the responses seen in pairs and those never seen
+     (adding c(x) to every log-ratio of a prompt leaves every h unchanged), so mass can drift to unseen
+     responses (on ``exact``: 4-word responses). ``rpo_alpha`` > 0 anchors the policy on the chosen data
+     at the price of a pull towards the chosen responses' distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_zoo.config import AlgoConfig, check_positive, option
+from rlhf_zoo.data import ranking_examples, read_records
+from rlhf_zoo.errors import ConfigError, DataError
+from rlhf_zoo.hookspecs import hookimpl
+from rlhf_zoo.ops import masked_sum, response_logprobs
+from rlhf_zoo.ops.ranking import pair_indices
+from rlhf_zoo.policy import ModelPolicy
+from rlhf_zoo.registry import Algorithm
+
+LOGPROB_TEMPERATURE = 1.0  # DPO's objective is on pi itself, whatever the sampling temperature
+MAX_GRAD_NORM = 1.0
+REFERENCE_BATCH = 256  # pairs per no-grad reference forward
+
+
+@dataclass(frozen=True)
+class DPOConfig(AlgoConfig):
+    presets = {
+        "quick": {"epochs": 1, "eval_prompts": 64},
+        # tuned on ``exact``: long, large-batch, anchored by the chosen NLL (implementation detail 8)
+        "rpo": {"rpo_alpha": 0.1, "learning_rate": 5e-3, "batch_size": 512, "epochs": 15},
+        "smoke": {"steps": 1, "batch_size": 8, "max_pairs": 16, "warmup_steps": 0, "eval_prompts": 2,
+                  "eval_samples": 1},
+    }
+
+    beta: float | None = option(None, "KL coefficient beta (temperature of the implicit reward); default: the task's.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (SLiC).")
+    label_smoothing: float = option(0.0, "cDPO: probability eps that a label is flipped (sigmoid loss only), in [0, 0.5).")
+    epochs: int = option(3, "Passes over the pairs (used when steps is 0).")
+    steps: int = option(0, "Optimizer steps; 0: epochs x batches per epoch.")
+    batch_size: int = option(64, "Preference pairs per step (2 x batch_size sequences per forward).")
+    learning_rate: float = option(3e-4, "Peak learning rate (AdamW, no weight decay; warmup, then linear decay to 0).")
+    rpo_alpha: float = option(0.0, "RPO: weight of the chosen responses' mean token NLL added to the loss (0: pure DPO).")
+    warmup_steps: int = option(10, "Linear learning-rate warmup steps.")
+    dataset: str = option("", "Path of a preference dataset (prompt/chosen/rejected or prompt/responses); empty: the task's pairs.")
+    max_pairs: int = option(0, "Use the first max_pairs pairs (0: all).")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "epochs", "batch_size", "learning_rate")
+        for name in ("steps", "warmup_steps", "max_pairs", "rpo_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"beta must be > 0 (or unset for the task's), got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ConfigError(f"label_smoothing applies to loss_type 'sigmoid' only, got loss_type {self.loss_type!r}")
+
+
+def dpo_loss(
+    logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean preference loss over pairs, from sequence log-probs log pi(y|x) (all (B,)).
+
+    Returns:
+        loss (scalar), and the implicit rewards beta (log pi - log pi_ref) of chosen and rejected (B,),
+        detached.
+    """
+    chosen_ratio, rejected_ratio = logprobs_chosen - ref_chosen, logprobs_rejected - ref_rejected
+    h = chosen_ratio - rejected_ratio  # (B,)
+    if loss_type == "sigmoid":  # Eq. 7; cDPO mixes in the flipped label
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":  # Azar et al., Eq. 17: regress h onto 1 / (2 beta)
+        losses = (h - 1 / (2 * beta)).square()
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; known: sigmoid, ipo, hinge")
+    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def load_pairs(task, cfg: DPOConfig) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) texts: a user file (validated, DataError names the row) or the task's."""
+    if cfg.dataset:
+        pairs = []
+        for r in ranking_examples(read_records(cfg.dataset)):
+            better, worse = pair_indices(len(r.responses))
+            pairs += [(r.prompt, r.responses[i], r.responses[j]) for i, j in zip(better, worse, strict=True)]
+    else:
+        ds = task.dataset("pairs")
+        pairs = list(zip(ds["prompt"], ds["chosen"], ds["rejected"], strict=True))
+    return pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
+
+
+@dataclass
+class DPOPolicy(ModelPolicy):
+    """The trained policy; its data figures (pairs used, identical pairs dropped) go to summary.json."""
+
+    data_metrics: dict[str, int] = field(default_factory=dict)
+
+    def extra_metrics(self) -> dict[str, int]:
+        return dict(self.data_metrics)
+
+
+@dataclass
+class Pairs:
+    """Encoded pairs on the device: prompts (N, P) left-padded; chosen, rejected (N, T) right-padded."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    chosen_ids: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[prompts; prompts] (2B, P'), [chosen; rejected] (2B, T'); columns of padding only are trimmed."""
+        p_ids, p_mask = self.prompt_ids[idx].repeat(2, 1), self.prompt_mask[idx].repeat(2, 1)
+        r_ids = torch.cat([self.chosen_ids[idx], self.rejected_ids[idx]])
+        r_mask = torch.cat([self.chosen_mask[idx], self.rejected_mask[idx]])
+        p_keep, r_keep = p_mask.bool().any(0), r_mask.bool().any(0)
+        return p_ids[:, p_keep], p_mask[:, p_keep], r_ids[:, r_keep], r_mask[:, r_keep]
+
+
+def encode_pairs(task, pairs: list[tuple[str, str, str]], max_len: int, device) -> tuple[Pairs, int]:
+    """Tokenise every pair once; drop the pairs whose chosen and rejected ids are identical.
+    -> (pairs kept, number of identical pairs)"""
+    if not pairs:
+        raise DataError("no preference pairs to train on")
+    prompts, chosen, rejected = map(list, zip(*pairs, strict=True))
+    p_ids, p_mask = task.encode_prompts(prompts, device)
+    r_ids, r_mask = task.encode_responses(chosen + rejected, max_len=max_len, device=device)  # (2N, T)
+    c_ids, x_ids, c_mask, x_mask = *r_ids.chunk(2), *r_mask.chunk(2)
+    same = ((c_ids == x_ids) & (c_mask == x_mask)).all(-1)  # (N,); both pad with the same id
+    keep = ~same
+    if not keep.any():
+        raise DataError(f"all {len(pairs)} preference pairs have identical chosen and rejected responses")
+    out = Pairs(p_ids[keep], p_mask[keep], c_ids[keep], c_mask[keep], x_ids[keep], x_mask[keep])
+    return out, int(same.sum())
+
+
+def pair_logprobs(model, pairs: Pairs, idx: torch.Tensor, suppress_ids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """log pi(y_w|x), log pi(y_l|x) (B,) each, from ONE forward of chosen and rejected; and the tokens."""
+    p_ids, p_mask, r_ids, r_mask = pairs.batch(idx)
+    lp = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, LOGPROB_TEMPERATURE, suppress_ids)  # (2B, T)
+    seq = masked_sum(lp, r_mask, dim=-1)  # (2B,)
+    chosen, rejected = seq.chunk(2)
+    return chosen, rejected, int(p_mask.sum() + r_mask.sum())
+
+
+@torch.no_grad()
+def reference_logprobs(reference, pairs: Pairs, suppress_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref of every chosen and rejected response, computed once.  -> (N,), (N,)"""
+    out = [pair_logprobs(reference, pairs, idx, suppress_ids)[:2]
+           for idx in torch.arange(len(pairs), device=pairs.prompt_ids.device).split(REFERENCE_BATCH)]
+    return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
+
+
+def train(ctx, cfg: DPOConfig) -> DPOPolicy:
+    task, policy, beta = ctx.task, ctx.policy, ctx.beta
+    # 1) data: tokenise once, count and drop pairs that carry no preference
+    pairs, identical = encode_pairs(task, load_pairs(task, cfg), ctx.max_new_tokens, ctx.device)
+    # 2) reference log-probs of the whole dataset, once
+    with ctx.phase("reference"):
+        ref_chosen, ref_rejected = reference_logprobs(ctx.reference, pairs, task.suppress_ids)
+    # 3) optimiser and schedule: linear warmup, then linear decay to 0
+    per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    total = cfg.steps or cfg.epochs * per_epoch
+    warm = min(cfg.warmup_steps, total - 1)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / (warm + 1), (total - s) / (total - warm)))
+    gen = torch.Generator().manual_seed(ctx.seed)
+    batches: list[torch.Tensor] = []
+    policy.train()
+    # 4) shuffled epochs of pairs; one concatenated policy forward per step
+    for step in ctx.iterations(total):
+        if not batches:
+            batches = list(torch.randperm(len(pairs), generator=gen).to(ctx.device).split(cfg.batch_size))
+        idx = batches.pop(0)
+        with ctx.phase("train"):
+            chosen, rejected, tokens = pair_logprobs(policy, pairs, idx, task.suppress_ids)
+            loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen[idx], ref_rejected[idx], beta,
+                                                  cfg.loss_type, cfg.label_smoothing)
+            nll = -chosen.sum() / pairs.chosen_mask[idx].sum()  # mean token NLL of the chosen responses
+            opt.zero_grad(set_to_none=True)
+            (loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
+            opt.step()
+            sched.step()
+        ctx.counters["trained_tokens"] += tokens
+        # 5) metrics of this step
+        ctx.log(step, {"loss": loss.item(), "reward_accuracy": (r_chosen > r_rejected).float().mean().item(),
+                       "reward_margin": (r_chosen - r_rejected).mean().item(),
+                       "reward_chosen": r_chosen.mean().item(), "reward_rejected": r_rejected.mean().item(),
+                       "nll_chosen": nll.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+                       "epoch": (step - 1) / per_epoch, "pairs": len(pairs), "identical_pairs": identical})
+    policy.eval()
+    return DPOPolicy(policy, data_metrics={"pairs": len(pairs), "identical_pairs": identical})
+
+
+@hookimpl
+def register_algorithms(register) -> None:
+    register(Algorithm("dpo", DPOConfig, train,
+                       "Direct Preference Optimization on preference pairs (sigmoid, IPO, hinge, cDPO)."))
