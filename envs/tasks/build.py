@@ -69,6 +69,7 @@ class BuildSpec:
     rm_steps: int = 300
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
+    revision: int = 0  # bump when one task's data changes (see `task_dir`)
 
 
 def cache_root() -> Path:
@@ -76,8 +77,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHF_ZOO_CACHE") or Path.home() / ".cache" / "rlhf_zoo")
 
 
-def task_dir(name: str, seed: int) -> Path:
-    return cache_root() / "tasks" / f"{name}-seed{seed}-v{BUILD_VERSION}"
+def task_dir(name: str, seed: int, revision: int = 0) -> Path:
+    """``<cache>/tasks/<name>-seed<seed>-v<BUILD_VERSION>[.<revision>]``: a task's data revision moves
+    only that task's cache."""
+    suffix = f".{revision}" if revision else ""
+    return cache_root() / "tasks" / f"{name}-seed{seed}-v{BUILD_VERSION}{suffix}"
 
 
 def _rng(seed: int, stage: str) -> np.random.Generator:
@@ -172,12 +176,14 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
     label_rng = _rng(seed, "labelers")
     rankings: dict[str, dict[str, list]] = {}
     labeler_stats: dict[str, dict[str, float]] = {}
-    for rm_name, objective in spec.reward_models.items():
+
+    def label(name: str, objective: str) -> datasets.Dataset:
+        """Rank every prompt's K responses by ``objective`` with simulated labelers."""
         g = gold[objective]
         tau = 1.0 if spec.labeler_agreement is None else labelers.calibrate_temperature(g[: spec.ranking_prompts],
                                                                                        spec.labeler_agreement)
-        labeler_stats[rm_name] = {"objective": objective, "temperature": tau,
-                                  "inter_labeler_agreement": labelers.agreement(g[: spec.ranking_prompts], tau)}
+        labeler_stats[name] = {"objective": objective, "temperature": tau,
+                               "inter_labeler_agreement": labelers.agreement(g[: spec.ranking_prompts], tau)}
         cols: dict[str, list] = {"prompt": [], "responses": [], "gold": [], "levels": [], "margins": []}
         for p, rs, gv in zip(rank_prompts, responses, g, strict=True):
             order, levels = labelers.rank(gv, tau, label_rng)
@@ -186,15 +192,26 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
             cols["gold"].append([float(gv[i]) for i in order])
             cols["levels"].append(levels.tolist())
             cols["margins"].append(labelers.margins_from_levels(levels).tolist())
-        rankings[rm_name] = cols
-        ds = datasets.Dataset.from_dict(cols)
+        rankings[name] = cols
+        return datasets.Dataset.from_dict(cols)
+
+    for rm_name, objective in spec.reward_models.items():
+        ds = label(rm_name, objective)
         ds.select(range(spec.ranking_prompts)).save_to_disk(str(tmp / "data" / f"rankings_{rm_name}"))
         ds.select(range(spec.ranking_prompts, n_rank)).save_to_disk(str(tmp / "data" / f"heldout_{rm_name}"))
-    primary = next(iter(spec.reward_models))
-    pairs, identical = _pairs(rankings[primary], spec.ranking_prompts)
+    # preference pairs (DPO) follow the task's overall gold objective: the rankings of the reward model
+    # trained on it, or (hh: helpfulness and safety RMs, overall = their Llama 2 style combination) a
+    # ranking of its own
+    overall = language.objectives[0]
+    source = next((n for n, o in spec.reward_models.items() if o == overall), None)
+    if source is None:
+        source = "overall"
+        label(source, overall)
+    pairs, identical = _pairs(rankings[source], spec.ranking_prompts)
     datasets.Dataset.from_dict(pairs).save_to_disk(str(tmp / "data" / "pairs"))
     manifest["labelers"] = labeler_stats
-    manifest["pairs"] = {"kept": len(pairs["prompt"]), "dropped_identical_responses": identical}
+    manifest["pairs"] = {"kept": len(pairs["prompt"]), "dropped_identical_responses": identical,
+                         "objective": overall}
     done("rankings")
 
     # 5) reward model(s): trunk from the SFT policy, ranking loss with all C(K,2) pairs per prompt

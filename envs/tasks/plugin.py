@@ -18,7 +18,7 @@ EXACT_SPEC = BuildSpec(
 )
 SENTIMENT_SPEC = BuildSpec(max_new_tokens=16, beta=0.1, missing_eos_penalty=1.0)
 HH_SPEC = BuildSpec(max_new_tokens=20, beta=0.1, missing_eos_penalty=1.0,
-                    reward_models={"helpful": "helpfulness", "safety": "harmlessness"})
+                    reward_models={"helpful": "helpfulness", "safety": "harmlessness"}, revision=1)
 
 
 def loader(name: str, spec: BuildSpec, make: Callable[[int], tuple[Any, type[Task]]]) -> Callable[..., Task]:
@@ -26,7 +26,7 @@ def loader(name: str, spec: BuildSpec, make: Callable[[int], tuple[Any, type[Tas
 
     def load(seed: int = 0, progress: bool = True, rebuild: bool = False) -> Task:
         language, task_cls = make(seed)
-        path = task_dir(name, seed)
+        path = task_dir(name, seed, spec.revision)
         if rebuild:
             shutil.rmtree(path, ignore_errors=True)
         if not (path / "manifest.json").exists():
