@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 import click
 import typer
 
+from rlhf_zoo.config import read_json_object
 from rlhf_zoo.errors import ConfigError, ZooError
 
 app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offline tasks with a gold reward.",
@@ -155,7 +156,7 @@ def _algorithm_command(name: str) -> click.Command:
         from rlhf_zoo.runner import run
 
         common = {k: kwargs.pop(k) for k in RUN_OPTIONS}
-        options = _read_config_file(common["config"]) if common["config"] else {}
+        options = read_json_object(common["config"], "config file", "a JSON object of config values") if common["config"] else {}
         options.update({k: v for k, v in kwargs.items() if v is not None})
         out = common["out"] or Path("runs") / f"{name}-{common['task']}-s{common['seed']}"
         summary = run(name, task=common["task"], seed=common["seed"], out=out, device=common["device"],
@@ -166,16 +167,6 @@ def _algorithm_command(name: str) -> click.Command:
     doc = (algo.config_cls.__doc__ or "").strip().splitlines()
     return click.Command(name, params=params, callback=callback,
                          help=algo.description + ("\n\n" + doc[0] if doc and not doc[0].startswith(algo.config_cls.__name__) else ""))
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a JSON object of config values, got {type(data).__name__}")
-    return data
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:

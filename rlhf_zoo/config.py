@@ -8,9 +8,11 @@ minute on two CPU cores). Validation happens in ``__post_init__`` and raises `Co
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 from rlhf_zoo.errors import ConfigError
@@ -57,6 +59,17 @@ class AlgoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def read_json_object(path: Path, what: str, expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file holding one object (a config file, a suite); a one-line `ConfigError` otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected {expected}, got {type(data).__name__}")
+    return data
 
 
 def check_positive(cfg: Any, *names: str) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_zoo.config import read_json_object
 from rlhf_zoo.errors import ConfigError
 from rlhf_zoo.registry import Registry
 
@@ -90,12 +91,7 @@ def seed_list(seeds: int | list[int]) -> tuple[int, ...]:
 
 def load_suite(name_or_path: str) -> Suite:
     path = suite_path(name_or_path)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"suite {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"suite {path}: expected a JSON object, got {type(data).__name__}")
+    data = read_json_object(path, "suite")
     unknown = sorted(set(data) - SUITE_KEYS)
     missing = sorted({"algorithms", "tasks", "seeds"} - set(data))
     if unknown or missing:
