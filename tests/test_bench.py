@@ -131,6 +131,18 @@ def test_suite_files_quick_and_full_expand_with_valid_knobs():
     assert {s.seed for s in specs} == {0, 1, 2, 3, 4} and {s.task for s in specs} == {"exact", "sentiment", "hh"}
 
 
+def test_suite_evaluation_is_the_same_for_every_algorithm():
+    suite = Suite("t", ("ppo", "best-of-n", "rrhf"), ("exact",), (0,), preset="quick",
+                  options={"rrhf": {"candidates": 2}}, evaluation={"eval_prompts": 32, "eval_samples": 3})
+    specs = expand(suite, get_registry())
+    assert {(s.config["eval_prompts"], s.config["eval_samples"]) for s in specs} == {(32, 3)}  # over the presets
+    assert next(s for s in specs if s.algorithm == "rrhf").config["candidates"] == 2
+    for s in load_suite("quick").evaluation, load_suite("full").evaluation:
+        assert s == {"eval_prompts": 64, "eval_samples": 4}
+    with pytest.raises(ZooError, match="evaluation keys"):
+        expand(Suite("t", ("ppo",), ("exact",), (0,), evaluation={"learning_rate": 1.0}), get_registry())
+
+
 def test_suite_unknown_names_raise_before_running(tmp_path):
     with pytest.raises(ZooError, match="unknown suite 'nope'"):
         load_suite("nope")

@@ -6,6 +6,7 @@ A suite is a JSON object (``benchmarks/suites/NAME.json``)::
      "algorithms": ["ppo", "dpo"], "tasks": ["exact"], "seeds": [0, 1, 2],   # or "seeds": 3 for 0..2
      "preset": "quick",                                                     # "default": no preset
      "options": {"ppo": {"iterations": 100}},           # optional fixed overrides per algorithm
+     "evaluation": {"eval_prompts": 64, "eval_samples": 4},  # optional: the same evaluation for all
      "sweeps": {"ppo": {"beta": [0.03, 0.3, 1.0]}}}     # optional: one extra variant per value
 
 Every algorithm runs its ``default`` variant (the preset plus ``options``); each sweep value adds a
@@ -24,7 +25,8 @@ from rlhf_zoo.config import read_json_object
 from rlhf_zoo.errors import ConfigError
 from rlhf_zoo.registry import Registry
 
-SUITE_KEYS = {"description", "algorithms", "tasks", "seeds", "preset", "options", "sweeps"}
+SUITE_KEYS = {"description", "algorithms", "tasks", "seeds", "preset", "options", "sweeps", "evaluation"}
+EVALUATION_KEYS = {"eval_prompts", "eval_samples", "max_new_tokens", "temperature"}  # fields of AlgoConfig
 DEFAULT_VARIANT = "default"
 SUITES_DIR = Path("benchmarks") / "suites"
 
@@ -39,11 +41,14 @@ class Suite:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     sweeps: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     description: str = ""
+    #: evaluation settings applied to every algorithm (after its preset), so every run, and the SFT
+    #: baseline evaluated beside it, is scored on the same prompts with the same number of samples
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "algorithms": list(self.algorithms),
                 "tasks": list(self.tasks), "seeds": list(self.seeds), "preset": self.preset,
-                "options": self.options, "sweeps": self.sweeps}
+                "options": self.options, "sweeps": self.sweeps, "evaluation": self.evaluation}
 
 
 @dataclass(frozen=True)
@@ -100,12 +105,16 @@ def load_suite(name_or_path: str) -> Suite:
     return Suite(name=path.stem, algorithms=tuple(data["algorithms"]), tasks=tuple(data["tasks"]),
                  seeds=seed_list(data["seeds"]), preset=data.get("preset", "default"),
                  options=data.get("options", {}), sweeps=data.get("sweeps", {}),
+                 evaluation=data.get("evaluation", {}),
                  description=data.get("description", ""))
 
 
 def variants(suite: Suite, algorithm: str) -> list[tuple[str, dict[str, Any]]]:
     """(label, options) of the default variant and of each sweep value, e.g. ``("beta=0.3", {...})``."""
-    base = dict(suite.options.get(algorithm, {}))
+    bad = sorted(set(suite.evaluation) - EVALUATION_KEYS)
+    if bad:
+        raise ConfigError(f"suite {suite.name}: evaluation keys {bad} unknown; known: {sorted(EVALUATION_KEYS)}")
+    base = {**suite.evaluation, **suite.options.get(algorithm, {})}
     out = [(DEFAULT_VARIANT, base)]
     for knob, values in suite.sweeps.get(algorithm, {}).items():
         if not isinstance(values, list) or not values:
