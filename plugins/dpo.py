@@ -49,6 +49,7 @@ from rlhf_zoo.ops import masked_sum, response_logprobs
 from rlhf_zoo.ops.ranking import pair_indices
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
+from rlhf_zoo.training import Shuffler, optimizer_step
 
 LOGPROB_TEMPERATURE = 1.0  # DPO's objective is on pi itself, whatever the sampling temperature
 MAX_GRAD_NORM = 1.0
@@ -207,23 +208,20 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
     warm = min(cfg.warmup_steps, total - 1)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / (warm + 1), (total - s) / (total - warm)))
-    gen = torch.Generator().manual_seed(ctx.seed)
-    batches: list[torch.Tensor] = []
+    order = Shuffler(len(pairs), cfg.batch_size, ctx.seed, ctx.device)
+    for name, obj in (("optimizer", opt), ("scheduler", sched), ("pair_order", order)):
+        ctx.track(name, obj)
     policy.train()
     # 4) shuffled epochs of pairs; one concatenated policy forward per step
     for step in ctx.iterations(total):
-        if not batches:
-            batches = list(torch.randperm(len(pairs), generator=gen).to(ctx.device).split(cfg.batch_size))
-        idx = batches.pop(0)
+        idx = order.next()
         with ctx.phase("train"):
             chosen, rejected, tokens = pair_logprobs(policy, pairs, idx, task.suppress_ids)
             loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen[idx], ref_rejected[idx], beta,
                                                   cfg.loss_type, cfg.label_smoothing)
             nll = -chosen.sum() / pairs.chosen_mask[idx].sum()  # mean token NLL of the chosen responses
-            opt.zero_grad(set_to_none=True)
-            (loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
-            opt.step()
+            grad_norm = optimizer_step(loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss, opt, MAX_GRAD_NORM,
+                                       f"{cfg.loss_type} loss" + (" + rpo_alpha * nll" if cfg.rpo_alpha else ""))
             sched.step()
         ctx.counters["trained_tokens"] += tokens
         # 5) metrics of this step

@@ -45,7 +45,7 @@ from rlhf_zoo.ops.policy_losses import clipped_policy_loss, clipped_value_loss
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.rollout import Rollout, collect, draw_prompts
-from rlhf_zoo.training import collate_lm, lm_loss, lm_row
+from rlhf_zoo.training import collate_lm, lm_loss, lm_row, optimizer_step
 
 PTX_STREAM = 7919  # offset of the pretraining-batch random stream from the run seed
 
@@ -136,6 +136,10 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
     ptx_coef = getattr(cfg, "ptx_coef", 0.0)
     ptx = PretrainBatches(task, cfg.ptx_batch_size, ctx.seed + PTX_STREAM, ctx.device) if ptx_coef > 0 else None
     rng = np.random.default_rng(ctx.seed)
+    for name, obj in (("optimizer", opt), ("critic", critic), ("critic_optimizer", critic_opt),
+                      ("kl_controller", kl_ctl), ("prompt_rng", rng), ("ptx_generator", ptx and ptx.generator)):
+        if obj is not None:
+            ctx.track(name, obj)
     n_prompts = len(task.prompts("train"))
     policy.train()
     critic.train()
@@ -159,17 +163,11 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
                 for rows in perm.chunk(cfg.minibatches):
                     mb = r.select(rows)
                     loss, pl, ptx_loss = policy_step(ctx, cfg, policy, mb, adv[rows], ptx)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    opt.step()
+                    optimizer_step(loss, opt, cfg.max_grad_norm, "policy loss" + (" (with ptx)" if ptx else ""))
                     values = token_values(critic, mb.input_ids, mb.attention_mask, mb.prompt_width)
                     vf_loss, vf_clipfrac = clipped_value_loss(values, old_values[rows], returns[rows],
                                                               mb.response_mask, cfg.value_clip)
-                    critic_opt.zero_grad(set_to_none=True)
-                    vf_loss.backward()
-                    torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-                    critic_opt.step()
+                    optimizer_step(vf_loss, critic_opt, cfg.max_grad_norm, "value loss")
                     for k, v in (("policy_loss", pl.loss), ("clipfrac", pl.clipfrac), ("approx_kl", pl.approx_kl),
                                  ("ratio", pl.ratio_mean), ("value_loss", vf_loss), ("value_clipfrac", vf_clipfrac),
                                  ("ptx_loss", ptx_loss)):

@@ -30,7 +30,7 @@ Implementation details:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -74,6 +74,19 @@ def select_best(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.arange(best.shape[0], device=scores.device) * k + best
 
 
+@dataclass
+class KeptRows:
+    """The fine-tune rows kept so far (the data of ``restart`` mode), checkpointable as JSON lists."""
+
+    rows: list[LMRow] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, list]:
+        return {"ids": [r.ids for r in self.rows], "loss_mask": [r.loss_mask for r in self.rows]}
+
+    def load_state_dict(self, state: dict[str, list]) -> None:
+        self.rows = [LMRow(list(i), list(m)) for i, m in zip(state["ids"], state["loss_mask"], strict=True)]
+
+
 def kept_rows(rollout: Rollout) -> list[LMRow]:
     """(prompt, response) training rows from a rollout: real tokens only, loss on the response."""
     out = []
@@ -90,7 +103,9 @@ def train(ctx, cfg: RejectionSamplingConfig) -> ModelPolicy:
     rng = np.random.default_rng(ctx.seed)
     n_available = len(task.prompts("train"))
     env = ctx.make_env(cfg.prompts_per_round * cfg.k, split="train")
-    kept: list[LMRow] = []
+    kept = KeptRows()
+    ctx.track("prompt_rng", rng)
+    ctx.track("kept_rows", kept)
 
     def count_tokens(step: int, loss: float, tokens: int) -> None:  # not ctx.step_logger: one log line per round
         ctx.counters["trained_tokens"] += tokens
@@ -102,13 +117,13 @@ def train(ctx, cfg: RejectionSamplingConfig) -> ModelPolicy:
         # 2) keep the best of each prompt's K
         best = rollout.select(select_best(rollout.scores, cfg.k))
         rows = kept_rows(best)
-        kept = [*kept, *rows] if cfg.mode == "restart" else rows
+        kept.rows = [*kept.rows, *rows] if cfg.mode == "restart" else rows
         # 3) fine-tune with the SFT loss on the kept responses (from SFT on all of them in restart mode)
         if cfg.mode == "restart":
             policy.load_state_dict(ctx.reference.state_dict())
-        steps = math.ceil(cfg.epochs * len(kept) / cfg.batch_size)
+        steps = math.ceil(cfg.epochs * len(kept.rows) / cfg.batch_size)
         with ctx.phase("train"):
-            losses = train_lm(policy, kept, pad_id=task.pad_token_id, steps=steps, batch_size=cfg.batch_size,
+            losses = train_lm(policy, kept.rows, pad_id=task.pad_token_id, steps=steps, batch_size=cfg.batch_size,
                               lr=cfg.learning_rate, seed=ctx.seed * 1000 + it, desc=f"round {it}",
                               suppress_ids=task.suppress_ids, progress=ctx.show_progress, on_step=count_tokens)
         # 4) log the round
@@ -116,7 +131,7 @@ def train(ctx, cfg: RejectionSamplingConfig) -> ModelPolicy:
         ctx.log(it, {
             "round": it, "score_mean": rollout.scores.mean(), "kept_score_mean": best.scores.mean(),
             "loss": float(np.mean(losses)), "final_loss": losses[-1], "kl": kl.mean(),
-            "kept_length": best.response_mask.sum(-1).float().mean(), "train_rows": len(kept), "steps": steps,
+            "kept_length": best.response_mask.sum(-1).float().mean(), "train_rows": len(kept.rows), "steps": steps,
             "generated_tokens": ctx.counters["generated_tokens"], "trained_tokens": ctx.counters["trained_tokens"],
         })
     env.close()

@@ -53,6 +53,7 @@ from rlhf_zoo.ops import masked_mean, masked_sum, response_logprobs
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.rollout import collect, draw_prompts
+from rlhf_zoo.training import optimizer_step
 
 MAX_GRAD_NORM = 1.0
 
@@ -136,6 +137,8 @@ def train(ctx: Any, cfg: RRHFConfig) -> ModelPolicy:
     env = ctx.make_env(n * k)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.learning_rate,
                             weight_decay=0.0)
+    ctx.track("optimizer", opt)
+    ctx.track("prompt_rng", rng)
     for it in ctx.iterations(cfg.iterations):
         # 2) k candidates per prompt from the current policy, scored by the environment (rows grouped)
         idx = pool[draw_prompts(rng, len(pool), n, 1)]
@@ -162,10 +165,7 @@ def train(ctx: Any, cfg: RRHFConfig) -> ModelPolicy:
             for epoch in range(cfg.epochs):
                 lp = response_logprobs(model, p_ids, p_mask, ids, mask, cfg.temperature, task.suppress_ids)
                 loss, stats = rrhf_loss(lp.view(n, K, -1), mask.view(n, K, -1), scores, cfg.ft_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                opt.step()
+                optimizer_step(loss, opt, MAX_GRAD_NORM, "rrhf loss")
                 ctx.counters["trained_tokens"] += int(p_mask.sum() + mask.sum())
                 if epoch == 0:
                     first = {"loss": loss.detach(), **stats}

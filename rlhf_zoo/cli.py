@@ -22,7 +22,8 @@ from rlhf_zoo.errors import ConfigError, ZooError
 app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offline tasks with a gold reward.",
                   add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
-RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "config", "quiet")
+RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
+               "resume", "config", "quiet")
 
 
 def _registry():
@@ -135,7 +136,12 @@ def _algorithm_command(name: str) -> click.Command:
         click.Option(["--preset"], default=None, help=f"Preset: default, {', '.join(sorted(algo.config_cls.presets))}."),
         click.Option(["--device"], default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.Option(["--task-seed"], type=int, default=0, show_default=True, help="Seed of the task's world."),
-        click.Option(["--checkpoint-every"], type=int, default=0, show_default=True, help="Iterations between checkpoints (0: none)."),
+        click.Option(["--checkpoint-every"], type=click.IntRange(min=0), default=None,
+                     help="Iterations between checkpoints (0: none) [default: about 10 per run, and the last]."),
+        click.Option(["--keep-checkpoints"], type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Complete checkpoints kept (older ones are deleted)."),
+        click.Option(["--resume"], is_flag=True,
+                     help="Continue the run in --out from its last complete checkpoint (same config required)."),
         click.Option(["--config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="JSON file of config values (options given here win)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
@@ -161,7 +167,8 @@ def _algorithm_command(name: str) -> click.Command:
         out = common["out"] or Path("runs") / f"{name}-{common['task']}-s{common['seed']}"
         summary = run(name, task=common["task"], seed=common["seed"], out=out, device=common["device"],
                       preset=common["preset"], options=options, task_seed=common["task_seed"],
-                      checkpoint_every=common["checkpoint_every"], progress=not common["quiet"])
+                      checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
+                      resume=common["resume"], progress=not common["quiet"])
         _print_summary(summary, out)
 
     doc = (algo.config_cls.__doc__ or "").strip().splitlines()

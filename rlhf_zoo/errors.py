@@ -26,3 +26,7 @@ class ConfigError(ZooError, ValueError):
 
 class DataError(ZooError, ValueError):
     """A data row that cannot be used; the message names the row and the key."""
+
+
+class NonFiniteError(ZooError, FloatingPointError):
+    """A loss, gradient or metric became NaN or infinite; the runner adds the iteration."""

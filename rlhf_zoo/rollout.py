@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlhf_zoo.errors import NonFiniteError
 from rlhf_zoo.generation import sample
 
 
@@ -65,12 +66,22 @@ def collect(ctx: Any, env: Any, model: torch.nn.Module, prompt_index: np.ndarray
     was_training = model.training
     model.eval()
     with ctx.phase("generate"):
-        s = sample(model, env.prompt_ids, env.prompt_mask, ctx.max_new_tokens, eos_token_id=task.eos_token_id,
-                   pad_token_id=task.pad_token_id, temperature=ctx.config.temperature,
-                   suppress_ids=task.suppress_ids, generator=ctx.generator)
+        try:
+            s = sample(model, env.prompt_ids, env.prompt_mask, ctx.max_new_tokens, eos_token_id=task.eos_token_id,
+                       pad_token_id=task.pad_token_id, temperature=ctx.config.temperature,
+                       suppress_ids=task.suppress_ids, generator=ctx.generator)
+        except RuntimeError as e:  # torch.multinomial refuses NaN probabilities: say which weights are broken
+            bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+            if bad is None:
+                raise
+            raise NonFiniteError(f"cannot sample: the policy's parameter {bad} is non-finite") from e
     model.train(was_training)
     with ctx.phase("score"):
         out = env.step_tensors(s.response_ids, s.response_mask, s.logprobs)
+    bad = ~torch.isfinite(out["scores"])
+    if bad.any():
+        raise NonFiniteError(f"the reward is non-finite for {int(bad.sum())} of {bad.numel()} responses "
+                             f"(first: {out['scores'][bad][0].item()})")
     ctx.counters["generated_tokens"] += int(out["response_mask"].sum())
     return Rollout(env.prompt_ids, env.prompt_mask, out["response_ids"], out["response_mask"], out["logprobs"],
                    out["ref_logprobs"], out["rewards"], out["scores"], np.asarray(prompt_index))

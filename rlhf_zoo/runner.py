@@ -7,14 +7,22 @@ checkpoints, the final evaluation against the SFT baseline, and the run director
     metrics.jsonl   one line per iteration
     summary.json    final figures (see `rlhf_zoo.evaluation`) plus wall time, throughput, peak memory
     policy/         the final policy in Hugging Face format (safetensors); ``model/`` for reward models
-    checkpoints/    periodic policy checkpoints (safetensors + JSON)
+    checkpoints/    the last few complete checkpoints of the training loop (see below)
+
+Checkpoints and resume. An algorithm registers the state its loop carries with ``ctx.track(name, obj)``
+(optimizers, schedulers, extra models, its own generators and controllers) before the loop, and loops
+over ``ctx.iterations(total)``. ``ctx.log(it, ...)`` at the end of an iteration writes a checkpoint every
+``checkpoint_every`` iterations and at the last one: the policy, every tracked object, the run's sampling
+generator, the global RNG states, the counters and phase times (`rlhf_zoo.checkpoint`: safetensors + JSON,
+atomic). With ``resume=True`` the first call of ``ctx.iterations`` loads the latest complete checkpoint
+into all of them and continues with the next iteration, so the resumed run is the uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
+import math
 import platform
 import random
 import resource
@@ -33,14 +41,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_zoo.checkpoint import (global_rng_state, latest_checkpoint, read_checkpoint, restore,
+                                 set_global_rng_state, state_of, write_checkpoint)
 from rlhf_zoo.config import AlgoConfig
-from rlhf_zoo.errors import ConfigError
+from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.evaluation import evaluate
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
 from rlhf_zoo.registry import Algorithm, Registry, get_registry
 
 DEFAULT_TASK = "sentiment"
 KEEP_CHECKPOINTS = 2
+AUTO_CHECKPOINTS = 10  # checkpoints per run when checkpoint_every is None
+# config.json keys that must match for --resume to continue a run
+RUN_IDENTITY = ("algorithm", "task", "task_seed", "seed", "config", "beta", "max_new_tokens")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,10 +95,17 @@ class RunContext:
     reference: torch.nn.Module
     reward_fn: Any
     generator: torch.Generator
-    checkpoint_every: int = 0
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = KEEP_CHECKPOINTS
+    resume: bool = False
     show_progress: bool = True
     phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    iteration: int = 0  # the iteration under way (0 before the loop)
+    resumed_from: int | None = None  # the checkpoint's iteration when the run was resumed
+    _tracked: dict[str, Any] = field(default_factory=dict)
+    _total: int = 0
+    _every: int = 0
     _bar: Any = None
 
     @property
@@ -116,23 +136,49 @@ class RunContext:
         finally:
             self.phase_seconds[name] += time.perf_counter() - start
 
+    def track(self, name: str, obj: Any) -> Any:
+        """Register state the training loop carries (optimizer, scheduler, critic, generator, controller,
+        or any object with ``state_dict``/``load_state_dict``) so checkpoints save and restore it.
+        Call before `iterations`. Returns ``obj``."""
+        if self._total:
+            raise RuntimeError(f"ctx.track({name!r}) after ctx.iterations() started: track state before the loop")
+        if name in self._tracked:
+            raise ValueError(f"ctx.track: the name {name!r} is already tracked")
+        state_of(obj)  # fails now, not at the first checkpoint, if obj cannot be saved
+        self._tracked[name] = obj
+        return obj
+
     def iterations(self, total: int, desc: str | None = None) -> Iterator[int]:
-        """Iteration numbers 1..total with a progress bar; pair with `log`."""
-        self._bar = tqdm(range(1, total + 1), desc=desc or self.algorithm.name, disable=not self.show_progress,
-                         dynamic_ncols=True)
-        yield from self._bar
+        """Iteration numbers 1..total with a progress bar; pair with `log`. One loop per run. When
+        resuming, restores the latest checkpoint first and starts after its iteration."""
+        if self._total:
+            raise RuntimeError("ctx.iterations() is called once per run")
+        self._total = total
+        self._every = (self.checkpoint_every if self.checkpoint_every is not None
+                       else max(1, math.ceil(total / AUTO_CHECKPOINTS)))
+        start = 1
+        if self.resume and (ckpt := latest_checkpoint(self.out / "checkpoints")) is not None:
+            start = self._restore(ckpt) + 1
+        self._bar = tqdm(range(start, total + 1), initial=start - 1, total=total, desc=desc or self.algorithm.name,
+                         disable=not self.show_progress, dynamic_ncols=True)
+        for it in self._bar:
+            self.iteration = it
+            yield it
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         """Record one iteration: metrics.jsonl, the progress bar, plugin hooks, periodic checkpoints."""
         row = {"iteration": iteration, **{k: _plain(v) for k, v in metrics.items()}}
+        for k, v in row.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise NonFiniteError(f"metric {k!r} is {v}")
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._bar is not None:
             shown = {k: f"{v:.3g}" for k, v in list(row.items())[1:5] if isinstance(v, float)}
             self._bar.set_postfix(shown, refresh=False)
-        self.registry.manager.hook.on_iteration_end(run=self, iteration=iteration, metrics=row)
-        if self.checkpoint_every and iteration % self.checkpoint_every == 0:
+        if self._total and self._every and (iteration % self._every == 0 or iteration == self._total):
             self.save_checkpoint(iteration)
+        self.registry.manager.hook.on_iteration_end(run=self, iteration=iteration, metrics=row)
 
     def step_logger(self, every: int = 10) -> Any:
         """An ``on_step(step, loss, tokens)`` callback for the supervised loops of `rlhf_zoo.training`:
@@ -149,18 +195,38 @@ class RunContext:
         return on_step
 
     def save_checkpoint(self, iteration: int) -> Path:
-        """Policy weights (safetensors) and a JSON note, written to a temp dir and renamed into place."""
-        root = self.out / "checkpoints"
-        final = root / f"iter-{iteration:06d}"
-        tmp = root / f".tmp-iter-{iteration:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_pretrained(tmp)
-        (tmp / "checkpoint.json").write_text(json.dumps({"iteration": iteration, "seed": self.seed}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("iter-*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old)
-        return final
+        """Everything needed to continue after ``iteration`` (see the module docstring), written atomically;
+        the last ``keep_checkpoints`` are kept."""
+        state = {"policy": self.policy.state_dict(),
+                 "tracked": {name: state_of(obj) for name, obj in self._tracked.items()},
+                 "generator": self.generator.get_state(), "rng": global_rng_state(),
+                 "counters": dict(self.counters), "phase_seconds": dict(self.phase_seconds)}
+        info = {"algorithm": self.algorithm.name, "seed": self.seed, "total": self._total}
+        return write_checkpoint(self.out / "checkpoints", iteration, state, info, self.keep_checkpoints)
+
+    def _restore(self, path: Path) -> int:
+        """Load a checkpoint into the policy, the tracked objects, the RNGs and the counters; drop the
+        metrics logged after it. Returns its iteration."""
+        state, info = read_checkpoint(path)
+        saved, tracked = set(state["tracked"]), set(self._tracked)
+        if saved != tracked:
+            raise ConfigError(f"checkpoint {path} holds state {sorted(saved)} but {self.algorithm.name} tracks "
+                              f"{sorted(tracked)}: it was written by a different version of the algorithm")
+        restore(self.policy, state["policy"])
+        for name, obj in self._tracked.items():
+            restore(obj, state["tracked"][name])
+        self.generator.set_state(state["generator"])
+        set_global_rng_state(state["rng"])
+        self.counters.clear()
+        self.counters.update(state["counters"])
+        self.phase_seconds.clear()
+        self.phase_seconds.update(state["phase_seconds"])
+        iteration = int(info["iteration"])
+        metrics = self.out / "metrics.jsonl"
+        kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration]
+        metrics.write_text("".join(ln + "\n" for ln in kept))
+        self.resumed_from = iteration
+        return iteration
 
 
 def _plain(v: Any) -> Any:
@@ -208,7 +274,9 @@ def make_context(
     preset: str | None = None,
     options: dict[str, Any] | None = None,
     task_seed: int = 0,
-    checkpoint_every: int = 0,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = KEEP_CHECKPOINTS,
+    resume: bool = False,
     progress: bool = True,
     registry: Registry | None = None,
 ) -> RunContext:
@@ -222,9 +290,18 @@ def make_context(
     config = algo.config_cls.from_dict(options or {}, preset=preset)
     task_spec = registry.task(task)
     dev = resolve_device(device)
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ConfigError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
+    if keep_checkpoints < 1:
+        raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
+    identity = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed,
+                "config": config.to_dict()}
+    resume = resume and _check_resumable(out, identity)
+    if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
+        (out / "metrics.jsonl").write_text("")
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     the_task = task_spec.load(seed=task_seed, progress=progress)
     seed_everything(seed)
     reference = the_task.load_policy(dev).requires_grad_(False)
@@ -232,7 +309,23 @@ def make_context(
     reward_fn = the_task.reward_function(device=dev)
     generator = torch.Generator(device=dev).manual_seed(seed)
     return RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
-                      checkpoint_every=checkpoint_every, show_progress=progress)
+                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
+                      show_progress=progress)
+
+
+def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
+    """--resume: True if ``out`` holds a run with this identity to continue, False if it holds none;
+    ConfigError if it holds a different run."""
+    saved_path = out / "config.json"
+    if not saved_path.is_file() or latest_checkpoint(out / "checkpoints") is None:
+        print(f"zoo: no complete checkpoint in {out}; starting from the beginning", file=sys.stderr)
+        return False
+    saved = json.loads(saved_path.read_text())
+    for key, value in identity.items():
+        if key in saved and saved[key] != json.loads(json.dumps(value)):
+            raise ConfigError(f"--resume: {out} holds a run with a different {key} ({saved[key]!r}, now "
+                              f"{value!r}); use another --out, or drop --resume to start over")
+    return True
 
 
 def run(
@@ -245,7 +338,9 @@ def run(
     preset: str | None = None,
     options: dict[str, Any] | None = None,
     task_seed: int = 0,
-    checkpoint_every: int = 0,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = KEEP_CHECKPOINTS,
+    resume: bool = False,
     progress: bool = True,
     registry: Registry | None = None,
 ) -> dict[str, Any]:
@@ -256,8 +351,8 @@ def run(
         torch.cuda.reset_peak_memory_stats(dev)
     # 1) task, models, seeding
     ctx = make_context(algorithm, task=task, seed=seed, out=out, device=device, preset=preset, options=options,
-                       task_seed=task_seed, checkpoint_every=checkpoint_every, progress=progress,
-                       registry=registry)
+                       task_seed=task_seed, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                       resume=resume, progress=progress, registry=registry)
     algo, config, registry, the_task, out = ctx.algorithm, ctx.config, ctx.registry, ctx.task, ctx.out
     plugins = [{"name": p.name, "distribution": p.distribution, "version": p.version} for p in registry.plugins]
     provided = registry.provided_by[("algorithm", algo.name)]
@@ -266,13 +361,20 @@ def run(
                 "max_new_tokens": ctx.max_new_tokens, "algorithm_plugin": provided.name,
                 "algorithm_distribution": provided.distribution, "plugins": plugins,
                 "plugin_load_errors": [{"plugin": e.plugin, "error": e.error} for e in registry.load_errors],
-                "versions": versions(), "git_commit": _git_commit(), "world_size": 1, "argv": sys.argv}
+                "versions": versions(), "git_commit": _git_commit(), "world_size": 1, "argv": sys.argv,
+                "checkpoint_every": ctx.checkpoint_every, "keep_checkpoints": ctx.keep_checkpoints,
+                "resumed_from": latest_checkpoint(out / "checkpoints").name if ctx.resume else None}
     (out / "config.json").write_text(json.dumps(resolved, indent=2))
     registry.manager.hook.on_run_start(run=ctx)
 
     # 2) the algorithm
     train_start = time.perf_counter()
-    result = algo.train(ctx, config)
+    try:
+        result = algo.train(ctx, config)
+    except NonFiniteError as e:
+        last = latest_checkpoint(out / "checkpoints")
+        kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
+        raise NonFiniteError(f"{algo.name} iteration {ctx.iteration}: {e}; run stopped, {kept}") from None
     train_seconds = time.perf_counter() - train_start
 
     # 3) evaluation against the SFT baseline on the same prompts and seed

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_zoo.errors import NonFiniteError
 from rlhf_zoo.models import reward_scores
 from rlhf_zoo.ops.logprobs import logprobs_from_logits
 from rlhf_zoo.ops.masking import masked_mean, position_ids_from_mask
@@ -50,6 +51,47 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], suppress_ids
     logits = model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
     logp = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:], suppress_ids=suppress_ids)  # (B, T-1)
     return masked_mean(-logp, batch["loss_mask"][:, 1:])
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                   term: str = "loss") -> torch.Tensor:
+    """Backward, clip, step, with the non-finite checks every training loop needs: a NaN or infinite
+    ``loss`` or gradient raises `NonFiniteError` naming ``term`` BEFORE the parameters change, so the
+    model and the last checkpoint stay good. Returns the gradient norm before clipping."""
+    if not torch.isfinite(loss.detach()):
+        raise NonFiniteError(f"{term} is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"gradient of {term} is non-finite (norm {norm.item()})")
+    optimizer.step()
+    return norm
+
+
+class Shuffler:
+    """Index batches over ``n`` rows in shuffled epochs (the last batch of an epoch may be short), with
+    checkpointable state: the generator and the rest of the current epoch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: str | torch.device = "cpu") -> None:
+        self.n, self.batch_size, self.device = n, batch_size, device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pending = torch.empty(0, dtype=torch.long)  # the current epoch's order not yet served
+
+    def next(self) -> torch.Tensor:
+        if not len(self.pending):
+            self.pending = torch.randperm(self.n, generator=self.generator)
+        idx, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
+        return idx.to(self.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "pending": self.pending.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+        self.pending = state["pending"].clone()
 
 
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -92,10 +134,7 @@ def fit(
     bar = tqdm(_batches(n_rows, batch_size, steps, gen), desc=desc, disable=not progress, leave=False)
     for step, idx in enumerate(bar, start=1):
         loss, tokens = loss_fn(idx)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(loss, opt, 1.0, term=f"{desc} loss (step {step})")
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)

@@ -15,7 +15,8 @@ def main(argv: list[str]) -> None:
     from rlhf_zoo.runner import run
 
     run(spec["algorithm"], task=spec["task"], seed=spec["seed"], out=spec["out"], device=spec["device"],
-        preset=spec["preset"], options=spec["options"], progress=False)
+        preset=spec["preset"], options=spec["options"], progress=False,
+        checkpoint_every=0)  # a benchmark resumes whole runs; per-iteration checkpoints would only cost time
 
 
 if __name__ == "__main__":
