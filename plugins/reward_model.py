@@ -72,7 +72,7 @@ def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
     with ctx.phase("train"):
         losses = train_reward_model(model, train_rows, pad_id=tok.pad_token_id, steps=cfg.steps,
                                     batch_size=cfg.batch_size, lr=cfg.learning_rate, seed=ctx.seed,
-                                    use_margin=cfg.use_margin, progress=ctx.show_progress, on_step=ctx.step_logger())
+                                    use_margin=cfg.use_margin, progress=ctx.show_progress, on_step=ctx.step_logger(), ctx=ctx)
     # 4) accuracy: against the labels' order (always) and the gold preference (task data)
     label_order = [list(range(len(r.response_ids), 0, -1)) for r in held_rows]  # best first = highest
     metrics = {"reward_model": name, "final_loss": sum(losses[-10:]) / len(losses[-10:]),

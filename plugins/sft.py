@@ -52,7 +52,7 @@ def train(ctx, cfg: SFTConfig) -> ModelPolicy:
     with ctx.phase("train"):
         train_lm(model, rows, pad_id=tok.pad_token_id, steps=cfg.steps, batch_size=cfg.batch_size,
                  lr=cfg.learning_rate, seed=ctx.seed, desc="sft", suppress_ids=task.suppress_ids,
-                 progress=ctx.show_progress, on_step=ctx.step_logger())
+                 progress=ctx.show_progress, on_step=ctx.step_logger(), ctx=ctx)
     return ModelPolicy(model)
 
 

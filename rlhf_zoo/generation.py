@@ -3,6 +3,14 @@
 One forward over the (left-padded) prompts fills the cache, then one single-token forward per step.
 Log-probs are recorded with `logprobs_from_logits`, the same function trainers use, so they match a
 later forward at the same temperature. Rows that have produced EOS keep emitting pad with mask 0.
+
+Under autocast (bf16 on CUDA, `rlhf_zoo.accel.autocast`) the loop casts the trainable weights once per
+call (`rlhf_zoo.accel.cached_weight_casts`) instead of once per step; log-probs stay fp32.
+
+Not done: a static KV cache with CUDA graphs (torch.compile "reduce-overhead"). It needs full-length
+attention masks and explicit cache positions for left-padded prompts, one graph per (batch, length)
+shape, and a GPU to validate; `benchmarks/gpu_bench.py` measures transformers' own static-cache
+``generate`` on CUDA next to this loop, which tells whether it would pay.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from rlhf_zoo.accel import cached_weight_casts
 from rlhf_zoo.ops.logprobs import adjust_logits
 from rlhf_zoo.ops.masking import position_ids_from_mask
 
@@ -53,31 +62,32 @@ def sample(
     """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
-    cache = DynamicCache()
-    attn = prompt_mask.long()
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                past_key_values=cache, use_cache=True)
-    next_logits = out.logits[:, -1]  # (B, V)
-    next_pos = attn.sum(-1, keepdim=True)  # (B, 1): position of the first response token
-    ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
-        logp = torch.log_softmax(adjust_logits(next_logits, temperature, suppress_ids), dim=-1)  # (B, V)
-        token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
-        alive = ~finished
-        ids[:, t] = torch.where(alive, token, pad_token_id)
-        mask[:, t] = alive.long()
-        logprobs[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
-        if on_token is not None:
-            on_token(ids[:, t], logprobs[:, t])
-        finished = finished | (alive & (token == eos_token_id))
-        if bool(finished.all()) or t == max_new_tokens - 1:
-            break
-        attn = torch.cat([attn, mask[:, t : t + 1]], dim=1)
-        out = model(input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
-        next_logits = out.logits[:, -1]
-        next_pos = next_pos + 1
+    with cached_weight_casts(device.type):  # under autocast: cast the weights once, not every step
+        cache = DynamicCache()
+        attn = prompt_mask.long()
+        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
+                    past_key_values=cache, use_cache=True)
+        next_logits = out.logits[:, -1]  # (B, V)
+        next_pos = attn.sum(-1, keepdim=True)  # (B, 1): position of the first response token
+        ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+        logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(adjust_logits(next_logits, temperature, suppress_ids), dim=-1)  # (B, V)
+            token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            alive = ~finished
+            ids[:, t] = torch.where(alive, token, pad_token_id)
+            mask[:, t] = alive.long()
+            logprobs[:, t] = torch.where(alive, logp.gather(-1, token[:, None]).squeeze(-1), 0.0)
+            if on_token is not None:
+                on_token(ids[:, t], logprobs[:, t])
+            finished = finished | (alive & (token == eos_token_id))
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, mask[:, t : t + 1]], dim=1)
+            out = model(input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_pos,
+                        past_key_values=out.past_key_values, use_cache=True)
+            next_logits = out.logits[:, -1]
+            next_pos = next_pos + 1
     return Samples(ids, mask, logprobs, finished)

@@ -11,8 +11,8 @@ checkpoints, the final evaluation against the SFT baseline, and the run director
 
 Checkpoints and resume. An algorithm registers the state its loop carries with ``ctx.track(name, obj)``
 (optimizers, schedulers, extra models, its own generators and controllers) before the loop, and loops
-over ``ctx.iterations(total)``. ``ctx.log(it, ...)`` at the end of an iteration writes a checkpoint every
-``checkpoint_every`` iterations and at the last one: the policy, every tracked object, the run's sampling
+over ``ctx.iterations(total)``. When an iteration's body has finished, ``ctx.iterations`` writes a
+checkpoint every ``checkpoint_every`` iterations and after the last one: the policy, every tracked object, the run's sampling
 generator, the global RNG states, the counters and phase times (`rlhf_zoo.checkpoint`: safetensors + JSON,
 atomic). With ``resume=True`` the first call of ``ctx.iterations`` loads the latest complete checkpoint
 into all of them and continues with the next iteration, so the resumed run is the uninterrupted run.
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_zoo.accel import autocast, synchronize
 from rlhf_zoo.checkpoint import (global_rng_state, latest_checkpoint, read_checkpoint, restore,
                                  set_global_rng_state, state_of, write_checkpoint)
 from rlhf_zoo.config import AlgoConfig
@@ -130,10 +131,12 @@ class RunContext:
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time a phase (generate, score, reference, train); figures go to summary.json."""
+        synchronize(self.device)  # on CUDA, time the phase's kernels, not their launches
         start = time.perf_counter()
         try:
             yield
         finally:
+            synchronize(self.device)
             self.phase_seconds[name] += time.perf_counter() - start
 
     def track(self, name: str, obj: Any) -> Any:
@@ -164,6 +167,9 @@ class RunContext:
         for it in self._bar:
             self.iteration = it
             yield it
+            # the loop body of iteration ``it`` has finished: its state is complete, checkpoint it
+            if self._every and (it % self._every == 0 or it == total):
+                self.save_checkpoint(it)
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         """Record one iteration: metrics.jsonl, the progress bar, plugin hooks, periodic checkpoints."""
@@ -176,27 +182,20 @@ class RunContext:
         if self._bar is not None:
             shown = {k: f"{v:.3g}" for k, v in list(row.items())[1:5] if isinstance(v, float)}
             self._bar.set_postfix(shown, refresh=False)
-        if self._total and self._every and (iteration % self._every == 0 or iteration == self._total):
-            self.save_checkpoint(iteration)
         self.registry.manager.hook.on_iteration_end(run=self, iteration=iteration, metrics=row)
 
-    def step_logger(self, every: int = 10) -> Any:
+    def step_logger(self, every: int = 10) -> StepLogger:
         """An ``on_step(step, loss, tokens)`` callback for the supervised loops of `rlhf_zoo.training`:
-        counts trained tokens and logs the mean loss every ``every`` steps."""
-        window: list[float] = []
-
-        def on_step(step: int, loss: float, tokens: int) -> None:
-            self.counters["trained_tokens"] += tokens
-            window.append(loss)
-            if step % every == 0:
-                self.log(step, {"loss": sum(window) / len(window)})
-                window.clear()
-
-        return on_step
+        counts trained tokens and logs the mean loss every ``every`` steps. Its window of losses is
+        tracked, so a resumed run logs the same means."""
+        return self.track("step_logger", StepLogger(self, every))
 
     def save_checkpoint(self, iteration: int) -> Path:
         """Everything needed to continue after ``iteration`` (see the module docstring), written atomically;
-        the last ``keep_checkpoints`` are kept."""
+        the last ``keep_checkpoints`` are kept. A policy with a non-finite weight is never saved."""
+        bad = next((n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise NonFiniteError(f"the policy's parameter {bad} is non-finite at the end of the iteration")
         state = {"policy": self.policy.state_dict(),
                  "tracked": {name: state_of(obj) for name, obj in self._tracked.items()},
                  "generator": self.generator.get_state(), "rng": global_rng_state(),
@@ -227,6 +226,28 @@ class RunContext:
         metrics.write_text("".join(ln + "\n" for ln in kept))
         self.resumed_from = iteration
         return iteration
+
+
+@dataclass
+class StepLogger:
+    """See `RunContext.step_logger`."""
+
+    ctx: RunContext
+    every: int
+    window: list[float] = field(default_factory=list)
+
+    def __call__(self, step: int, loss: float, tokens: int) -> None:
+        self.ctx.counters["trained_tokens"] += tokens
+        self.window.append(loss)
+        if step % self.every == 0:
+            self.ctx.log(step, {"loss": sum(self.window) / len(self.window)})
+            self.window.clear()
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"window": list(self.window)}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.window = [float(v) for v in state["window"]]
 
 
 def _plain(v: Any) -> Any:
@@ -370,7 +391,8 @@ def run(
     # 2) the algorithm
     train_start = time.perf_counter()
     try:
-        result = algo.train(ctx, config)
+        with autocast(ctx.device):  # bf16 forwards on CUDA (fp32 weights, log-probs and losses); CPU: fp32
+            result = algo.train(ctx, config)
     except NonFiniteError as e:
         last = latest_checkpoint(out / "checkpoints")
         kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
@@ -383,7 +405,7 @@ def run(
         result.model.save_pretrained(out / "model")
         summary.update(result.metrics)
     else:
-        with ctx.phase("evaluate"):
+        with ctx.phase("evaluate"), autocast(ctx.device):
             summary.update(_evaluate_against_baseline(ctx, result))
         result.model.save_pretrained(out / "policy")
         the_task.tokenizer.save_pretrained(out / "policy")

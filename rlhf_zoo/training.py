@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -116,9 +117,14 @@ def fit(
     progress: bool = True,
     warmup_steps: int = 0,
     on_step: Callable[[int, float, int], None] | None = None,
+    ctx: Any = None,
 ) -> list[float]:
     """AdamW with linear warmup and cosine decay. ``loss_fn(indices) -> (loss, tokens in the batch)``;
-    ``on_step(step, loss, tokens)`` is called after each step. Returns the losses."""
+    ``on_step(step, loss, tokens)`` is called after each step. Returns the losses (of the steps run here).
+
+    With a run context ``ctx`` the steps are the run's checkpointed iterations: the optimizer, the
+    schedule and the model are tracked, and a resumed run continues at the next step (the batch order
+    is a function of ``seed`` alone)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
@@ -129,15 +135,24 @@ def fit(
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))  # 2) cosine decay to 10%
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    batches = _batches(n_rows, batch_size, steps, gen)
+    if ctx is not None:
+        ctx.track("optimizer", opt)
+        ctx.track("scheduler", sched)
+        if model is not ctx.policy:  # e.g. a reward model built from the policy
+            ctx.track("model", model)
+        bar = ctx.iterations(steps, desc)
+    else:
+        bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
     model.train()
     losses = []
-    bar = tqdm(_batches(n_rows, batch_size, steps, gen), desc=desc, disable=not progress, leave=False)
-    for step, idx in enumerate(bar, start=1):
-        loss, tokens = loss_fn(idx)
-        optimizer_step(loss, opt, 1.0, term=f"{desc} loss (step {step})")
+    for step in bar:
+        loss, tokens = loss_fn(batches[step - 1])
+        optimizer_step(loss, opt, 1.0, term=f"{desc} loss" if ctx is not None else f"{desc} loss (step {step})")
         sched.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        if ctx is None:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         if on_step is not None:
             on_step(step, losses[-1], tokens)
     model.eval()
@@ -157,8 +172,10 @@ def train_lm(
     suppress_ids: Sequence[int] = (),
     progress: bool = True,
     on_step: Callable[[int, float, int], None] | None = None,
+    ctx: Any = None,
 ) -> list[float]:
-    """Pretraining (loss on every token after BOS) or SFT (loss on the completion), by the rows' masks."""
+    """Pretraining (loss on every token after BOS) or SFT (loss on the completion), by the rows' masks.
+    ``ctx``: see `fit`."""
     device = next(model.parameters()).device
 
     def loss_fn(idx: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -166,7 +183,7 @@ def train_lm(
         return lm_loss(model, batch, suppress_ids), int(batch["attention_mask"].sum())
 
     return fit(model, len(rows), loss_fn, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=desc,
-               progress=progress, warmup_steps=min(50, steps // 10), on_step=on_step)
+               progress=progress, warmup_steps=min(50, steps // 10), on_step=on_step, ctx=ctx)
 
 
 @dataclass(frozen=True)
@@ -200,8 +217,10 @@ def train_reward_model(
     desc: str = "reward model",
     progress: bool = True,
     on_step: Callable[[int, float, int], None] | None = None,
+    ctx: Any = None,
 ) -> list[float]:
-    """Ranking loss over groups of K responses per prompt; each group is one batch element."""
+    """Ranking loss over groups of K responses per prompt; each group is one batch element.
+    ``ctx``: see `fit`."""
     ks = {len(g.response_ids) for g in groups}
     if len(ks) != 1:
         raise ValueError(f"every ranking must have the same number of responses K; found K in {sorted(ks)}")
@@ -217,7 +236,7 @@ def train_reward_model(
         return ranking_loss(scores, margins), tokens
 
     return fit(model, len(groups), loss_fn, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=desc,
-               progress=progress, warmup_steps=min(20, steps // 10), on_step=on_step)
+               progress=progress, warmup_steps=min(20, steps // 10), on_step=on_step, ctx=ctx)
 
 
 @torch.no_grad()

@@ -36,6 +36,9 @@ SMALL = {
     "rrhf": {"iterations": 4, "prompts_per_iteration": 8, "candidates": 3, "eval_prompts": 8, "eval_samples": 2},
     "ppo-ptx": {"iterations": 4, "batch_prompts": 16, "minibatches": 2, "epochs": 1, "ptx_batch_size": 8,
                 "eval_prompts": 8, "eval_samples": 2},
+    # sft and reward-model log (and so call the hook) every 10 steps: crash at step 20
+    "sft": {"steps": 22, "batch_size": 8, "eval_prompts": 8, "eval_samples": 2},
+    "reward-model": {"steps": 22, "batch_size": 4},
 }
 FIGURES = ("gold_reward", "proxy_reward", "kl_to_ref", "kl_to_optimum", "frontier_efficiency",
            "generated_tokens", "trained_tokens")
@@ -46,15 +49,16 @@ class Crash(Exception):
 
 
 class CrashAfter:
-    """A plugin that makes the run fail at the end of iteration ``at`` (after its checkpoint is written)."""
+    """A plugin that makes the run fail during iteration ``at + 1``, after ``at`` has finished (and been
+    checkpointed if it was due). Raised from the metrics hook, i.e. after the iteration's update."""
 
     def __init__(self, at: int) -> None:
         self.at = at
 
     @hookimpl
     def on_iteration_end(self, run, iteration, metrics) -> None:
-        if iteration == self.at:
-            raise Crash(f"simulated crash after iteration {iteration}")
+        if iteration == self.at + 1:
+            raise Crash(f"simulated crash during iteration {iteration}")
 
 
 def _run(algo: str, out: Path, **kwargs):
@@ -62,7 +66,8 @@ def _run(algo: str, out: Path, **kwargs):
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "policy" / "model.safetensors"))
+    kind = "model" if (out / "model").is_dir() else "policy"  # reward models are saved as model/
+    return load_file(str(out / kind / "model.safetensors"))
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -71,8 +76,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
     for name in wa:
         assert torch.equal(wa[name], wb[name]), f"parameter {name} differs after resume"
     sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
-    for key in FIGURES:
-        assert sa[key] == sb[key], key
+    for key in FIGURES + ("heldout_gold_accuracy", "heldout_pairs"):
+        assert sa.get(key) == sb.get(key), key
     ma = (a / "metrics.jsonl").read_text().splitlines()
     mb = (b / "metrics.jsonl").read_text().splitlines()
     assert len(ma) == len(mb)
@@ -105,6 +110,8 @@ def uninterrupted(tmp_path_factory) -> dict[str, Path]:
     ("rejection-sampling", 2, 3),
     ("rrhf", 2, 3),
     ("ppo-ptx", 1, 2),
+    ("sft", 3, 19),
+    ("reward-model", 1, 19),
 ])
 def test_crash_and_resume_is_the_uninterrupted_run(tmp_path, uninterrupted, algo, every, crash_at):
     out = tmp_path / "run"
@@ -119,12 +126,19 @@ def test_crash_and_resume_is_the_uninterrupted_run(tmp_path, uninterrupted, algo
     _assert_same_run(uninterrupted(algo), out)
 
 
-def test_resume_after_the_last_iteration_only_evaluates(tmp_path, uninterrupted):
+def test_resume_after_the_last_iteration_only_evaluates(tmp_path, uninterrupted, monkeypatch):
     """A crash during the final evaluation: the last iteration's checkpoint is always written."""
+    import rlhf_zoo.runner
+
     out = tmp_path / "run"
-    crashing = build_registry({"crash": CrashAfter(SMALL["dpo"]["steps"])})
-    with pytest.raises(Crash):
-        _run("dpo", out, checkpoint_every=3, registry=crashing)
+
+    def crash(*args, **kwargs):
+        raise Crash("simulated crash during the evaluation")
+
+    with monkeypatch.context() as m:
+        m.setattr(rlhf_zoo.runner, "_evaluate_against_baseline", crash)
+        with pytest.raises(Crash):
+            _run("dpo", out, checkpoint_every=3)
     assert complete_checkpoints(out / "checkpoints")[-1].name == f"iter-{SMALL['dpo']['steps']:06d}"
     _run("dpo", out, checkpoint_every=3, resume=True)
     _assert_same_run(uninterrupted("dpo"), out)
@@ -167,18 +181,32 @@ def test_a_fresh_run_clears_old_checkpoints(tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-class NaNAfter:
-    """Turns the policy's weights to NaN at the end of iteration ``at``, as a blown-up update would."""
+class NaNWeightsAfter:
+    """Turns the policy's weights to NaN during iteration ``at + 1`` (after its update), as a blown-up
+    update would: the checkpoint of that iteration must not be written."""
 
     def __init__(self, at: int) -> None:
         self.at = at
 
     @hookimpl
     def on_iteration_end(self, run, iteration, metrics) -> None:
-        if iteration == self.at:
+        if iteration == self.at + 1:
             with torch.no_grad():
                 for p in run.policy.parameters():
                     p.fill_(float("nan"))
+
+
+class NaNReference:
+    """A broken reference model: its weights are NaN from the start, so every log-ratio is NaN."""
+
+    def __init__(self, at: int) -> None:
+        pass
+
+    @hookimpl
+    def on_run_start(self, run) -> None:
+        with torch.no_grad():
+            for p in run.reference.parameters():
+                p.fill_(float("nan"))
 
 
 class NaNRewardAfter:
@@ -199,22 +227,29 @@ class NaNRewardAfter:
         run.reward_fn = reward
 
 
-@pytest.mark.parametrize(("algo", "fault", "term"), [
-    ("dpo", NaNAfter, "sigmoid loss is nan"),
-    ("rejection-sampling", NaNAfter, "cannot sample: the policy's parameter model.embed_tokens.weight is non-finite"),
-    ("ppo", NaNRewardAfter, "reward is non-finite for 16 of 16"),
-    ("rrhf", NaNRewardAfter, "reward is non-finite"),
+@pytest.mark.parametrize(("algo", "fault", "stopped_at", "term"), [
+    ("dpo", NaNWeightsAfter, 3, "the policy's parameter model.embed_tokens.weight is non-finite at the end"),
+    ("rejection-sampling", NaNWeightsAfter, 3, "the policy's parameter model.embed_tokens.weight is non-finite"),
+    ("ppo", NaNRewardAfter, 3, "the reward is non-finite for 16 of 16 responses"),
+    ("rrhf", NaNRewardAfter, 3, "the reward is non-finite for 24 of 24 responses"),
+    ("dpo", NaNReference, 1, "sigmoid loss is nan"),
+    ("ppo", NaNReference, 1, "policy loss is nan"),
 ])
-def test_non_finite_values_stop_with_iteration_and_term_and_keep_the_checkpoint(tmp_path, algo, fault, term):
+def test_non_finite_values_stop_naming_iteration_and_term_and_keep_the_good_checkpoint(
+        tmp_path, algo, fault, stopped_at, term):
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError) as err:
         _run(algo, out, checkpoint_every=1, registry=build_registry({"fault": fault(2)}))
     message = str(err.value)
-    assert f"{algo} iteration 3" in message and term in message and "iter-000002" in message
-    state, info = read_checkpoint(out / "checkpoints" / "iter-000002")
-    assert info["iteration"] == 2
-    assert all(torch.isfinite(t).all() for t in state["policy"].values())
-    assert complete_checkpoints(out / "checkpoints")[-1].name == "iter-000002"
+    assert f"{algo} iteration {stopped_at}: {term}" in message, message
+    good = [p.name for p in complete_checkpoints(out / "checkpoints")]
+    assert good == [f"iter-{i:06d}" for i in range(max(1, stopped_at - 2), stopped_at)]  # keep 2, none bad
+    if good:
+        assert good[-1] in message
+        state, _ = read_checkpoint(out / "checkpoints" / good[-1])
+        assert all(torch.isfinite(t).all() for t in state["policy"].values())
+    else:
+        assert "no checkpoint was written" in message
 
 
 def test_state_round_trip_without_pickle(tmp_path):

@@ -15,7 +15,11 @@ from rlhf_zoo.ops.masking import position_ids_from_mask
 
 
 def adjust_logits(logits: torch.Tensor, temperature: float = 1.0, suppress_ids: Sequence[int] = ()) -> torch.Tensor:
-    """Temperature-scale logits (computed in fp32) and set suppressed ids to -inf.  (..., V) -> (..., V)"""
+    """Temperature-scale logits (computed in fp32) and set suppressed ids to -inf.  (..., V) -> (..., V)
+
+    The cast comes first: under bf16 autocast the logits arrive in bf16, and a log-softmax of bf16 input
+    stays bf16 (autocast does not promote it on CPU), so without it log-probs, ratios and KL would carry
+    bf16's 8-bit mantissa."""
     logits = logits.float() / temperature
     if len(suppress_ids):
         logits = logits.index_fill(-1, torch.as_tensor(list(suppress_ids), device=logits.device), float("-inf"))
