@@ -12,8 +12,9 @@ alone (Eq. 7):
     + rpo_alpha * mean token NLL of y_w    (optional; RPO, Pang et al. 2024; Liu et al. 2024)
 
 Implementation details:
-  1. Data: the task's ``pairs`` dataset, or a user file of prompt/chosen/rejected rows or of prompt + ranked
-     ``responses`` (each ranking gives its C(K,2) pairs). Prompts are left-padded with BOS first;
+  1. Data: the task's ``pairs`` dataset, or a user file of prompt/chosen/rejected rows, of prompt + ranked
+     ``responses`` (each ranking gives its C(K,2) pairs) or of Anthropic HH text, validated by
+     `rlhf_zoo.data` (``bad_rows``, ``long_rows``, ``max_drop_fraction``). Prompts are left-padded with BOS first;
      responses right-padded with EOS appended, cut at the response length cap like sampled responses.
   2. A pair whose chosen and rejected token ids are identical carries no preference (its loss gradient is
      0 for every variant): such pairs are counted, reported as ``identical_pairs`` and excluded.
@@ -41,8 +42,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from rlhf_zoo.config import AlgoConfig, check_positive, option
-from rlhf_zoo.data import ranking_examples, read_records
+from rlhf_zoo.config import DatasetConfig, check_positive, option
+from rlhf_zoo.data import load_rankings
 from rlhf_zoo.errors import ConfigError, DataError
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.ops import masked_sum, response_logprobs
@@ -57,12 +58,12 @@ REFERENCE_BATCH = 256  # pairs per no-grad reference forward
 
 
 @dataclass(frozen=True)
-class DPOConfig(AlgoConfig):
+class DPOConfig(DatasetConfig):
     presets = {
         "quick": {"epochs": 1, "eval_prompts": 64},
         # tuned on ``exact``: long, large-batch, anchored by the chosen NLL (implementation detail 8)
         "rpo": {"rpo_alpha": 0.1, "learning_rate": 5e-3, "batch_size": 512, "epochs": 15},
-        "smoke": {"steps": 1, "batch_size": 8, "max_pairs": 16, "warmup_steps": 0, "eval_prompts": 2,
+        "smoke": {"steps": 2, "batch_size": 8, "max_pairs": 16, "warmup_steps": 0, "eval_prompts": 2,
                   "eval_samples": 1},
     }
 
@@ -75,7 +76,8 @@ class DPOConfig(AlgoConfig):
     learning_rate: float = option(3e-4, "Peak learning rate (AdamW, no weight decay; warmup, then linear decay to 0).")
     rpo_alpha: float = option(0.0, "RPO: weight of the chosen responses' mean token NLL added to the loss (0: pure DPO).")
     warmup_steps: int = option(10, "Linear learning-rate warmup steps.")
-    dataset: str = option("", "Path of a preference dataset (prompt/chosen/rejected or prompt/responses); empty: the task's pairs.")
+    dataset: str = option("", "Path of a preference dataset (.jsonl, .json, .parquet, saved dir; rows prompt/chosen/rejected, "
+                              "prompt/responses or Anthropic HH chosen/rejected text); empty: the task's pairs.")
     max_pairs: int = option(0, "Use the first max_pairs pairs (0: all).")
 
     def __post_init__(self) -> None:
@@ -117,15 +119,24 @@ def dpo_loss(
 
 def load_pairs(task, cfg: DPOConfig) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) texts: a user file (validated, DataError names the row) or the task's."""
+    return load_pairs_with_report(task, cfg)[0]
+
+
+def load_pairs_with_report(task, cfg: DPOConfig) -> tuple[list[tuple[str, str, str]], dict]:
+    """`load_pairs` and, for a user file, its validation report ``{"dataset": {...}}`` for summary.json
+    (rows dropped by reason and truncated by key under cfg.bad_rows / long_rows; see `rlhf_zoo.data`)."""
+    report: dict = {}
     if cfg.dataset:
         pairs = []
-        for r in ranking_examples(read_records(cfg.dataset)):
+        rankings, data_report = load_rankings(cfg.dataset, cfg, task, cfg.max_new_tokens or task.max_new_tokens)
+        for r in rankings:
             better, worse = pair_indices(len(r.responses))
             pairs += [(r.prompt, r.responses[i], r.responses[j]) for i, j in zip(better, worse, strict=True)]
+        report = data_report.metrics()
     else:
         ds = task.dataset("pairs")
         pairs = list(zip(ds["prompt"], ds["chosen"], ds["rejected"], strict=True))
-    return pairs[: cfg.max_pairs] if cfg.max_pairs else pairs
+    return (pairs[: cfg.max_pairs] if cfg.max_pairs else pairs), report
 
 
 @dataclass
@@ -198,7 +209,8 @@ def reference_logprobs(reference, pairs: Pairs, suppress_ids) -> tuple[torch.Ten
 def train(ctx, cfg: DPOConfig) -> DPOPolicy:
     task, policy, beta = ctx.task, ctx.policy, ctx.beta
     # 1) data: tokenise once, count and drop pairs that carry no preference
-    pairs, identical = encode_pairs(task, load_pairs(task, cfg), ctx.max_new_tokens, ctx.device)
+    texts, data_report = load_pairs_with_report(task, cfg)
+    pairs, identical = encode_pairs(task, texts, ctx.max_new_tokens, ctx.device)
     # 2) reference log-probs of the whole dataset, once
     with ctx.phase("reference"):
         ref_chosen, ref_rejected = reference_logprobs(ctx.reference, pairs, task.suppress_ids)
@@ -231,7 +243,7 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
                        "nll_chosen": nll.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                        "epoch": (step - 1) / per_epoch, "pairs": len(pairs), "identical_pairs": identical})
     policy.eval()
-    return DPOPolicy(policy, data_metrics={"pairs": len(pairs), "identical_pairs": identical})
+    return DPOPolicy(policy, data_metrics={"pairs": len(pairs), "identical_pairs": identical, **data_report})
 
 
 @hookimpl

@@ -53,7 +53,7 @@ PTX_STREAM = 7919  # offset of the pretraining-batch random stream from the run 
 @dataclass(frozen=True)
 class PPOConfig(AlgoConfig):
     presets = {"quick": {"iterations": 40, "eval_prompts": 64},
-               "smoke": {"iterations": 1, "batch_prompts": 8, "minibatches": 2, "epochs": 1, "eval_prompts": 2,
+               "smoke": {"iterations": 2, "batch_prompts": 8, "minibatches": 2, "epochs": 1, "eval_prompts": 2,
                          "eval_samples": 1}}
 
     iterations: int = option(300, "Rollout-and-update iterations.")

@@ -48,7 +48,7 @@ from rlhf_zoo.training import LMRow, lm_row, train_lm
 @dataclass(frozen=True)
 class RejectionSamplingConfig(AlgoConfig):
     presets = {"quick": {"rounds": 4, "prompts_per_round": 256, "eval_prompts": 64, "eval_samples": 2},
-               "smoke": {"rounds": 1, "prompts_per_round": 8, "k": 2, "eval_prompts": 2, "eval_samples": 1}}
+               "smoke": {"rounds": 2, "prompts_per_round": 8, "k": 2, "eval_prompts": 2, "eval_samples": 1}}
 
     rounds: int = option(6, "Rounds of sample K / keep the best / fine-tune.")
     prompts_per_round: int = option(512, "Distinct prompts sampled per round.")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_zoo.config import AlgoConfig, check_positive, option
-from rlhf_zoo.data import ranking_examples, read_records
-from rlhf_zoo.errors import ConfigError
+from rlhf_zoo.config import DatasetConfig, check_positive, option
+from rlhf_zoo.data import load_rankings
+from rlhf_zoo.errors import ConfigError, DataError
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.models import reward_model_from_policy
 from rlhf_zoo.ops.ranking import pair_indices
@@ -23,7 +23,7 @@ from rlhf_zoo.training import RankingRow, ranking_accuracy, train_reward_model
 
 
 @dataclass(frozen=True)
-class RewardModelConfig(AlgoConfig):
+class RewardModelConfig(DatasetConfig):
     presets = {"quick": {"steps": 100}, "smoke": {"steps": 2, "batch_size": 4}}
 
     steps: int = option(300, "Optimizer steps.")
@@ -31,7 +31,9 @@ class RewardModelConfig(AlgoConfig):
     learning_rate: float = option(1e-3, "Peak learning rate.")
     use_margin: bool = option(False, "Subtract the Llama 2 margin of each pair's preference strength.")
     reward_model: str = option("", "Which of the task's reward models to train (hh: helpful or safety; empty: the first).")
-    dataset: str = option("", "Path of a ranking dataset (prompt/chosen/rejected or prompt/responses); empty: the task's rankings.")
+    dataset: str = option("", "Path of a ranking dataset (.jsonl, .json, .parquet, saved dir; rows prompt/chosen/rejected, "
+                              "prompt/responses with the same K in every row, or Anthropic HH chosen/rejected text); "
+                              "empty: the task's rankings.")
     heldout_fraction: float = option(0.1, "Fraction of a user dataset held out for the accuracy figure.")
 
     def __post_init__(self) -> None:
@@ -55,9 +57,13 @@ def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
     if name not in task.reward_models:
         raise ConfigError(f"reward_model {name!r} is not one of task {task.name!r}'s: {', '.join(task.reward_models)}")
     # 1) data: training rankings, and held-out rankings with their gold rewards when the task has them
-    gold = None
-    if cfg.dataset:
-        rankings = ranking_examples(read_records(cfg.dataset))
+    gold, data_metrics = None, {}
+    if cfg.dataset:  # validated (rlhf_zoo.data); every ranking needs the same K to be batched whole
+        rankings, report = load_rankings(cfg.dataset, cfg, task, ctx.max_new_tokens, same_k=True)
+        if len(rankings) < 2:
+            raise DataError(f"{report.source}: {len(rankings)} usable row(s); the reward model needs at least 2 "
+                            "(one or more held out for the accuracy figure)")
+        data_metrics = report.metrics()
         n_held = max(1, int(len(rankings) * cfg.heldout_fraction))
         rows = _rows(tok, [r.prompt for r in rankings], [r.responses for r in rankings], [r.margins for r in rankings])
         train_rows, held_rows = rows[:-n_held], rows[-n_held:]
@@ -81,7 +87,7 @@ def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
     if gold is not None:
         metrics["heldout_gold_accuracy"] = ranking_accuracy(model, held_rows, gold, tok.pad_token_id)
         metrics["task_reward_model_heldout_gold_accuracy"] = task.manifest["reward_models"][name]["heldout_gold_accuracy"]
-    return RewardModelResult(model, metrics)
+    return RewardModelResult(model, {**metrics, **data_metrics})
 
 
 @hookimpl

@@ -61,7 +61,7 @@ MAX_GRAD_NORM = 1.0
 @dataclass(frozen=True)
 class RRHFConfig(AlgoConfig):
     presets = {"quick": {"eval_prompts": 64, "eval_samples": 2},  # training already takes seconds
-               "smoke": {"iterations": 1, "prompts_per_iteration": 2, "candidates": 2, "epochs": 1,
+               "smoke": {"iterations": 2, "prompts_per_iteration": 2, "candidates": 2, "epochs": 1,
                          "eval_prompts": 2, "eval_samples": 1}}
 
     candidates: int = option(4, "Candidates k sampled from the policy per prompt.")

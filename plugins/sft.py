@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from rlhf_zoo.config import AlgoConfig, check_positive, option
-from rlhf_zoo.data import read_records, sft_examples
+from rlhf_zoo.config import DatasetConfig, check_positive, option
+from rlhf_zoo.data import load_sft
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.models import load_policy
 from rlhf_zoo.policy import ModelPolicy
@@ -20,7 +20,7 @@ from rlhf_zoo.training import lm_row, train_lm
 
 
 @dataclass(frozen=True)
-class SFTConfig(AlgoConfig):
+class SFTConfig(DatasetConfig):
     presets = {"quick": {"steps": 100, "eval_prompts": 32},
                "smoke": {"steps": 2, "batch_size": 8, "start_from": "sft", "eval_prompts": 2, "eval_samples": 1}}
 
@@ -38,8 +38,10 @@ class SFTConfig(AlgoConfig):
 def train(ctx, cfg: SFTConfig) -> ModelPolicy:
     task, tok = ctx.task, ctx.task.tokenizer
     # 1) data: demonstrations as (prompt, completion) text pairs
-    if cfg.dataset:
-        pairs = sft_examples(read_records(cfg.dataset))
+    data_metrics = {}
+    if cfg.dataset:  # validated (rlhf_zoo.data); the report goes to summary.json
+        pairs, report = load_sft(cfg.dataset, cfg, task, ctx.max_new_tokens)
+        data_metrics = report.metrics()
     else:
         ds = task.dataset("sft")
         pairs = list(zip(ds["prompt"], ds["completion"], strict=True))
@@ -53,7 +55,7 @@ def train(ctx, cfg: SFTConfig) -> ModelPolicy:
         train_lm(model, rows, pad_id=tok.pad_token_id, steps=cfg.steps, batch_size=cfg.batch_size,
                  lr=cfg.learning_rate, seed=ctx.seed, desc="sft", suppress_ids=task.suppress_ids,
                  progress=ctx.show_progress, on_step=ctx.step_logger(), ctx=ctx)
-    return ModelPolicy(model)
+    return ModelPolicy(model, metrics=data_metrics)
 
 
 @hookimpl

@@ -99,6 +99,36 @@ def bench_cmd(
                f"report: {out / 'report.md'}")
 
 
+@app.command("check")
+def check_cmd(
+    algorithms: list[str] = typer.Argument(None, help="Algorithms to check (default: every registered one)."),
+    task: str = typer.Option("exact", help="Task the smoke runs use."),
+    device: str = typer.Option("cpu", help="cpu, auto or cuda[:N]."),
+    keep: Path = typer.Option(None, help="Keep the check runs in this directory (default: a temporary one)."),
+) -> None:
+    """Run the conformance kit (DESIGN.md section 8) on algorithms, third-party ones included."""
+    import tempfile
+
+    from rlhf_zoo.conformance import check_algorithm, format_results
+
+    reg = _registry()
+    names = algorithms or sorted(reg.algorithms)
+    for n in names:
+        reg.algorithm(n)  # unknown names fail before any run
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="zoo-check-") as tmp:
+        root = keep or Path(tmp)
+        for n in names:
+            p = reg.provided_by[("algorithm", n)]
+            typer.echo(f"zoo check {n} ({p.distribution} {p.version}, plugin {p.name}) on {task}")
+            results = check_algorithm(n, root / n, task=task, device=device)
+            typer.echo(format_results(n, results))
+            if any(r.passed is False for r in results):
+                failed.append(n)
+    if failed:
+        raise ZooError(f"conformance failed for {', '.join(failed)}")
+
+
 # --- zoo run ALGO: one click command per algorithm, built from its config dataclass -------------------
 class LiteralChoice(click.Choice):
     """A click Choice over a Literal's values that converts back to the value's own type."""

@@ -1,6 +1,6 @@
 """Configuration: frozen dataclasses whose fields carry help text.
 
-An algorithm's config derives from `AlgoConfig`. Each field becomes a ``zoo run ALGO`` option and a
+An algorithm's config derives from `AlgoConfig` (or `DatasetConfig`, when it trains on a user dataset). Each field becomes a ``zoo run ALGO`` option and a
 key of a config file; ``presets`` maps a preset name to field overrides (``quick`` is a run of under a
 minute on two CPU cores). Validation happens in ``__post_init__`` and raises `ConfigError`.
 """
@@ -46,12 +46,12 @@ class AlgoConfig:
         """Build a config from a preset and overrides; unknown keys raise `ConfigError`."""
         merged: dict[str, Any] = {}
         if preset not in (None, "default"):
-            if preset not in cls.presets:
+            if not isinstance(preset, str) or preset not in cls.presets:
                 known = ", ".join(["default", *sorted(cls.presets)])
                 raise ConfigError(f"unknown preset {preset!r} for {cls.__name__}; known: {known}")
             merged.update(cls.presets[preset])
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(str(k) if str(k).isidentifier() else repr(k) for k in values if k not in names)
         if unknown:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         merged.update({k: v for k, v in values.items() if v is not None})
@@ -61,12 +61,38 @@ class AlgoConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class DatasetConfig(AlgoConfig):
+    """Base of the configs of algorithms that train on a user dataset (``--dataset``): how bad and
+    over-long rows are handled (`rlhf_zoo.data`). The subclass adds its own ``dataset`` field."""
+
+    bad_rows: Literal["raise", "drop"] = option(
+        "raise", "Dataset rows with a missing, mistyped or empty field, chosen == rejected, or response words "
+                 "the tokenizer does not know: raise (stop at the first, naming row and key) or drop (skip "
+                 "them; counts by reason go to summary.json).")
+    long_rows: Literal["raise", "truncate", "drop"] = option(
+        "truncate", "Dataset rows over the length caps (a response: max_new_tokens tokens; a prompt: the "
+                    "model's positions minus BOS and max_new_tokens): truncate (the prompt keeps its end, a "
+                    "response its start; counted in summary.json), drop (counted), or raise.")
+    max_drop_fraction: float = option(
+        0.1, "Largest fraction of the dataset's rows that may be dropped; above it the run stops and "
+             "says how many rows were dropped and why.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range(self, "max_drop_fraction", 0.0, 1.0)
+
+
 def read_json_object(path: Path, what: str, expected: str = "a JSON object") -> dict[str, Any]:
     """A JSON file holding one object (a config file, a suite); a one-line `ConfigError` otherwise."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path}: expected {expected}, got {type(data).__name__}")
     return data

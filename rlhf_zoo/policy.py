@@ -7,7 +7,7 @@ base policy and override `sample` (and, on the ``exact`` task, `exact_logprobs`)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ class ModelPolicy:
 
     #: True when `Samples.logprobs` are the log-probs of this policy (so KL can be estimated from them)
     logprobs_are_own: bool = True
+    #: figures of the training for summary.json (e.g. the dataset validation report of ``sft``)
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def sample(self, task: Any, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, Samples]:
@@ -43,8 +45,8 @@ class ModelPolicy:
         """A known KL to the reference when it cannot be estimated from samples (None: estimate it)."""
         return None
 
-    def extra_metrics(self) -> dict[str, float]:
-        return {}
+    def extra_metrics(self) -> dict[str, Any]:
+        return dict(self.metrics)
 
 
 @dataclass

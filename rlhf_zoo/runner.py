@@ -42,8 +42,15 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_zoo.accel import autocast, synchronize
-from rlhf_zoo.checkpoint import (global_rng_state, latest_checkpoint, read_checkpoint, restore,
-                                 set_global_rng_state, state_of, write_checkpoint)
+from rlhf_zoo.checkpoint import (
+    global_rng_state,
+    latest_checkpoint,
+    read_checkpoint,
+    restore,
+    set_global_rng_state,
+    state_of,
+    write_checkpoint,
+)
 from rlhf_zoo.config import AlgoConfig
 from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.evaluation import evaluate

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -95,6 +95,19 @@ class Shuffler:
         self.pending = state["pending"].clone()
 
 
+@dataclass
+class LossHistory:
+    """Every step's loss, checkpointed with the loop (a resumed run returns the whole history)."""
+
+    values: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"values": list(self.values)}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        self.values = [float(v) for v in state["values"]]
+
+
 def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Indices for ``steps`` batches: shuffled epochs, the last batch of an epoch may be short."""
     out: list[torch.Tensor] = []
@@ -120,7 +133,7 @@ def fit(
     ctx: Any = None,
 ) -> list[float]:
     """AdamW with linear warmup and cosine decay. ``loss_fn(indices) -> (loss, tokens in the batch)``;
-    ``on_step(step, loss, tokens)`` is called after each step. Returns the losses (of the steps run here).
+    ``on_step(step, loss, tokens)`` is called after each step. Returns every step's loss.
 
     With a run context ``ctx`` the steps are the run's checkpointed iterations: the optimizer, the
     schedule and the model are tracked, and a resumed run continues at the next step (the batch order
@@ -136,27 +149,28 @@ def fit(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     batches = _batches(n_rows, batch_size, steps, gen)
+    losses = LossHistory()
     if ctx is not None:
         ctx.track("optimizer", opt)
         ctx.track("scheduler", sched)
+        ctx.track("losses", losses)
         if model is not ctx.policy:  # e.g. a reward model built from the policy
             ctx.track("model", model)
         bar = ctx.iterations(steps, desc)
     else:
         bar = tqdm(range(1, steps + 1), desc=desc, disable=not progress, leave=False)
     model.train()
-    losses = []
     for step in bar:
         loss, tokens = loss_fn(batches[step - 1])
         optimizer_step(loss, opt, 1.0, term=f"{desc} loss" if ctx is not None else f"{desc} loss (step {step})")
         sched.step()
-        losses.append(loss.item())
+        losses.values.append(loss.item())
         if ctx is None:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{losses.values[-1]:.3f}", refresh=False)
         if on_step is not None:
-            on_step(step, losses[-1], tokens)
+            on_step(step, losses.values[-1], tokens)
     model.eval()
-    return losses
+    return losses.values
 
 
 def train_lm(

@@ -20,8 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf_zoo.checkpoint import (complete_checkpoints, flatten, read_checkpoint, restore, state_of, unflatten,
-                                 write_checkpoint)
+from rlhf_zoo.checkpoint import (
+    complete_checkpoints,
+    flatten,
+    read_checkpoint,
+    restore,
+    state_of,
+    unflatten,
+    write_checkpoint,
+)
 from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.registry import build_registry
