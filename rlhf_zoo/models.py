@@ -8,6 +8,7 @@ read at its last real token from the attention mask, never from ``id == pad`` (p
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -75,20 +76,22 @@ def _one_label(config):
     return config.__class__.from_dict({**values, "num_labels": 1})
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, attn_implementation="eager", dtype=torch.float32
-    )
+def _load(auto_cls: Any, path: str | Path, device: str | torch.device, trust_remote_code: bool) -> PreTrainedModel:
+    """Weights from safetensors only (a pickled ``pytorch_model.bin`` is refused, never unpickled); code
+    from the model directory only when the caller passes ``trust_remote_code=True``."""
+    model = auto_cls.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True,
+                                     attn_implementation="eager", dtype=torch.float32)
     return model.to(device).eval()
+
+
+def load_policy(path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> PreTrainedModel:
+    return _load(AutoModelForCausalLM, path, device, trust_remote_code)
 
 
 def load_reward_model(
     path: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False
 ) -> PreTrainedModel:
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, trust_remote_code=trust_remote_code, attn_implementation="eager", dtype=torch.float32
-    )
-    return model.to(device).eval()
+    return _load(AutoModelForSequenceClassification, path, device, trust_remote_code)
 
 
 def _score_head(model: PreTrainedModel) -> torch.nn.Module:
