@@ -31,6 +31,10 @@ Implementation details:
      (adding c(x) to every log-ratio of a prompt leaves every h unchanged), so mass can drift to unseen
      responses (on ``exact``: 4-word responses). ``rpo_alpha`` > 0 anchors the policy on the chosen data
      at the price of a pull towards the chosen responses' distribution.
+  9. Data parallel (``--nproc N``) and gradient accumulation: every rank draws the same batch of pairs and
+     trains on its shard, in micro-batches of ``micro_batch_size``; each micro-batch's loss is its sum over
+     the WHOLE batch's pair (and chosen-token) count (`rlhf_zoo.distributed`), so N ranks x M micro-batches
+     take the same step as one forward of the whole batch.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from rlhf_zoo.ops import masked_sum, response_logprobs
 from rlhf_zoo.ops.ranking import pair_indices
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
-from rlhf_zoo.training import Shuffler, optimizer_step
+from rlhf_zoo.training import Shuffler, backward, optimizer_step
 
 LOGPROB_TEMPERATURE = 1.0  # DPO's objective is on pi itself, whatever the sampling temperature
 MAX_GRAD_NORM = 1.0
@@ -79,11 +83,13 @@ class DPOConfig(DatasetConfig):
     dataset: str = option("", "Path of a preference dataset (.jsonl, .json, .parquet, saved dir; rows prompt/chosen/rejected, "
                               "prompt/responses or Anthropic HH chosen/rejected text); empty: the task's pairs.")
     max_pairs: int = option(0, "Use the first max_pairs pairs (0: all).")
+    micro_batch_size: int = option(0, "Pairs per forward/backward, gradients accumulated over a step's "
+                                      "micro-batches (0: a rank's whole share of the batch at once).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive(self, "epochs", "batch_size", "learning_rate")
-        for name in ("steps", "warmup_steps", "max_pairs", "rpo_alpha"):
+        for name in ("steps", "warmup_steps", "max_pairs", "rpo_alpha", "micro_batch_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.beta is not None and not self.beta > 0:
@@ -97,12 +103,13 @@ class DPOConfig(DatasetConfig):
 def dpo_loss(
     logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor, ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean preference loss over pairs, from sequence log-probs log pi(y|x) (all (B,)).
+    """Preference loss over pairs, from sequence log-probs log pi(y|x) (all (B,)).
 
     Returns:
-        loss (scalar), and the implicit rewards beta (log pi - log pi_ref) of chosen and rejected (B,),
-        detached.
+        the loss (mean over pairs, or per pair (B,) with reduction "none"), and the implicit rewards
+        beta (log pi - log pi_ref) of chosen and rejected (B,), detached.
     """
     chosen_ratio, rejected_ratio = logprobs_chosen - ref_chosen, logprobs_rejected - ref_rejected
     h = chosen_ratio - rejected_ratio  # (B,)
@@ -114,7 +121,7 @@ def dpo_loss(
         losses = torch.relu(1 - beta * h)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}; known: sigmoid, ipo, hinge")
-    return losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    return losses.mean() if reduction == "mean" else losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
 def load_pairs(task, cfg: DPOConfig) -> list[tuple[str, str, str]]:
@@ -224,23 +231,35 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
     for name, obj in (("optimizer", opt), ("scheduler", sched), ("pair_order", order)):
         ctx.track(name, obj)
     policy.train()
-    # 4) shuffled epochs of pairs; one concatenated policy forward per step
+    term = f"{cfg.loss_type} loss" + (" + rpo_alpha * nll" if cfg.rpo_alpha else "")
+    # 4) shuffled epochs of pairs; chosen and rejected in one forward per micro-batch; this rank's shard
+    #    of each batch (implementation detail 9)
     for step in ctx.iterations(total):
-        idx = order.next()
+        idx = order.next()  # the whole batch: the same on every rank
+        n_pairs, n_chosen_tokens = len(idx), pairs.chosen_mask[idx].sum()
+        sums = torch.zeros(7, device=ctx.device)  # loss, accuracy, margin, chosen, rejected, nll, tokens
         with ctx.phase("train"):
-            chosen, rejected, tokens = pair_logprobs(policy, pairs, idx, task.suppress_ids)
-            loss, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen[idx], ref_rejected[idx], beta,
-                                                  cfg.loss_type, cfg.label_smoothing)
-            nll = -chosen.sum() / pairs.chosen_mask[idx].sum()  # mean token NLL of the chosen responses
-            grad_norm = optimizer_step(loss + cfg.rpo_alpha * nll if cfg.rpo_alpha else loss, opt, MAX_GRAD_NORM,
-                                       f"{cfg.loss_type} loss" + (" + rpo_alpha * nll" if cfg.rpo_alpha else ""))
+            local = ctx.dist.shard(idx)
+            for micro in local.split(cfg.micro_batch_size or max(len(local), 1)):
+                chosen, rejected, tokens = pair_logprobs(policy, pairs, micro, task.suppress_ids)
+                losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen[micro], ref_rejected[micro],
+                                                        beta, cfg.loss_type, cfg.label_smoothing, reduction="none")
+                loss = ctx.dist.mean_loss(losses.sum(), n_pairs)  # mean over the whole batch's pairs
+                if cfg.rpo_alpha:  # + alpha * mean token NLL of the whole batch's chosen responses
+                    loss = loss + cfg.rpo_alpha * ctx.dist.mean_loss(-chosen.sum(), n_chosen_tokens)
+                backward(loss, term)
+                sums += torch.stack([losses.detach().sum(), (r_chosen > r_rejected).float().sum(),
+                                     (r_chosen - r_rejected).sum(), r_chosen.sum(), r_rejected.sum(),
+                                     -chosen.detach().sum(), torch.tensor(float(tokens), device=ctx.device)])
+            grad_norm = optimizer_step(None, opt, MAX_GRAD_NORM, term)
             sched.step()
-        ctx.counters["trained_tokens"] += tokens
-        # 5) metrics of this step
-        ctx.log(step, {"loss": loss.item(), "reward_accuracy": (r_chosen > r_rejected).float().mean().item(),
-                       "reward_margin": (r_chosen - r_rejected).mean().item(),
-                       "reward_chosen": r_chosen.mean().item(), "reward_rejected": r_rejected.mean().item(),
-                       "nll_chosen": nll.item(), "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+        loss_sum, correct, margin, r_c, r_r, nll_sum, tokens = ctx.dist.sum(sums).tolist()
+        ctx.counters["trained_tokens"] += int(tokens)
+        # 5) metrics of this step (over the whole batch)
+        ctx.log(step, {"loss": loss_sum / n_pairs, "reward_accuracy": correct / n_pairs,
+                       "reward_margin": margin / n_pairs, "reward_chosen": r_c / n_pairs,
+                       "reward_rejected": r_r / n_pairs, "nll_chosen": nll_sum / n_chosen_tokens.item(),
+                       "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                        "epoch": (step - 1) / per_epoch, "pairs": len(pairs), "identical_pairs": identical})
     policy.eval()
     return DPOPolicy(policy, data_metrics={"pairs": len(pairs), "identical_pairs": identical, **data_report})
@@ -249,4 +268,5 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
 @hookimpl
 def register_algorithms(register) -> None:
     register(Algorithm("dpo", DPOConfig, train,
-                       "Direct Preference Optimization on preference pairs (sigmoid, IPO, hinge, cDPO)."))
+                       "Direct Preference Optimization on preference pairs (sigmoid, IPO, hinge, cDPO).",
+                       data_parallel=True))

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from rlhf_zoo.config import AlgoConfig, check_positive, check_range, option
+from rlhf_zoo.distributed import SINGLE, Dist
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.models import load_reward_model, token_values
 from rlhf_zoo.ops import masked_mean, masked_sum, per_token_rewards, response_logprobs
@@ -45,7 +46,7 @@ from rlhf_zoo.ops.policy_losses import clipped_policy_loss, clipped_value_loss
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.rollout import Rollout, collect, draw_prompts
-from rlhf_zoo.training import collate_lm, lm_loss, lm_row, optimizer_step
+from rlhf_zoo.training import backward, collate_lm, lm_loss, lm_row, optimizer_step
 
 PTX_STREAM = 7919  # offset of the pretraining-batch random stream from the run seed
 
@@ -99,7 +100,8 @@ class PPOPtxConfig(PPOConfig):
 
 
 class PretrainBatches:
-    """Random batches of the task's pretraining corpus (loss on every token after BOS)."""
+    """Random batches of the task's pretraining corpus (loss on every token after BOS). Every rank draws
+    the same batch (the same stream) and trains on its shard of the rows."""
 
     def __init__(self, task, batch_size: int, seed: int, device: torch.device) -> None:
         tok = task.tokenizer
@@ -108,27 +110,77 @@ class PretrainBatches:
         self.pad, self.batch_size, self.device = tok.pad_token_id, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self, dist: Dist = SINGLE) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """This rank's rows of the next batch, and the whole batch's number of counted tokens."""
         idx = torch.randint(len(self.rows), (self.batch_size,), generator=self.generator)
-        return collate_lm([self.rows[i] for i in idx.tolist()], self.pad, self.device)
+        rows = [self.rows[i] for i in idx.tolist()]
+        counted = sum(sum(r.loss_mask[1:]) for r in rows)  # lm_loss counts from the second token on
+        return collate_lm([rows[i] for i in dist.shard(torch.arange(len(rows))).tolist()], self.pad, self.device), \
+            torch.tensor(float(counted), device=self.device)
 
 
-def policy_step(ctx, cfg: PPOConfig, policy, mb: Rollout, mb_adv: torch.Tensor, ptx: PretrainBatches | None):
-    """Clipped surrogate (+ ptx term) on one minibatch.  -> (total loss, PolicyLoss, ptx loss or None)"""
+def policy_loss(ctx, cfg: PPOConfig, policy, mb: Rollout, mb_adv: torch.Tensor, n_tokens: torch.Tensor):
+    """This rank's part of the minibatch's clipped surrogate (a mean over the minibatch's ``n_tokens``
+    response tokens on all ranks).  -> (loss, PolicyLoss)"""
     lp = response_logprobs(policy, mb.prompt_ids, mb.prompt_mask, mb.response_ids, mb.response_mask,
                            cfg.temperature, ctx.task.suppress_ids)  # (b, T)
-    pl = clipped_policy_loss(lp, mb.logprobs, mb_adv, mb.response_mask, cfg.clip)
-    loss, ptx_loss = pl.loss, None
-    if ptx is not None:
-        ptx_loss = lm_loss(policy, ptx.next(), ctx.task.suppress_ids)
-        loss = loss + cfg.ptx_coef * ptx_loss
-    return loss, pl, ptx_loss
+    pl = clipped_policy_loss(lp, mb.logprobs, mb_adv, mb.response_mask, cfg.clip,
+                             normalizer=n_tokens / ctx.dist.world_size)
+    return pl.loss, pl
+
+
+def update(ctx, cfg: PPOConfig, policy, critic, opt, critic_opt, r: Rollout, rewards: torch.Tensor,
+           ptx: PretrainBatches | None, batch_rows: int) -> dict[str, list[float]]:
+    """Values, GAE, whitening, then epochs of minibatches of the clipped policy loss (+ ptx) and the
+    clipped value loss. ``r`` holds this rank's rows of a ``batch_rows``-row batch (rows [lo, hi) of
+    `Dist.bounds`); every minibatch is a set of global rows, each rank training on those it holds, so
+    N ranks take exactly the steps one rank takes on the whole batch."""
+    mask = r.response_mask
+    with torch.no_grad(), ctx.phase("train"):
+        old_values = token_values(critic, r.input_ids, r.attention_mask, r.prompt_width)  # (B, T)
+        adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = whiten(adv, mask, all_reduce=ctx.dist.sum if ctx.dist.active else None)
+    stats: dict[str, list[float]] = {}
+    term = "policy loss" + (" (with ptx)" if ptx else "")
+    with ctx.phase("train"):
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(batch_rows, generator=ctx.generator, device=ctx.device)
+            for rows in perm.chunk(cfg.minibatches):
+                local = ctx.dist.owned(rows, batch_rows)
+                n_tokens = ctx.dist.sum(mask[local].sum().float())  # the minibatch's tokens on all ranks
+                mb = r.select(local)
+                if len(local):
+                    loss, pl = policy_loss(ctx, cfg, policy, mb, adv[local], n_tokens)
+                    backward(loss, term)
+                if ptx is not None:
+                    batch, ptx_tokens = ptx.next(ctx.dist)
+                    ptx_loss = lm_loss(policy, batch, ctx.task.suppress_ids, normalizer=ptx_tokens / ctx.dist.world_size)
+                    backward(cfg.ptx_coef * ptx_loss, term)
+                optimizer_step(None, opt, cfg.max_grad_norm, term)
+                if len(local):
+                    values = token_values(critic, mb.input_ids, mb.attention_mask, mb.prompt_width)
+                    vf_loss, vf_clipfrac = clipped_value_loss(values, old_values[local], returns[local],
+                                                              mb.response_mask, cfg.value_clip,
+                                                              normalizer=n_tokens / ctx.dist.world_size)
+                    backward(vf_loss, "value loss")
+                optimizer_step(None, critic_opt, cfg.max_grad_norm, "value loss")
+                if len(local):
+                    for k, v in (("policy_loss", pl.loss), ("clipfrac", pl.clipfrac), ("approx_kl", pl.approx_kl),
+                                 ("ratio", pl.ratio_mean), ("value_loss", vf_loss), ("value_clipfrac", vf_clipfrac)):
+                        stats.setdefault(k, []).append(float(v.detach()))
+                    ctx.counters["trained_tokens"] += int(mb.attention_mask.sum())
+                if ptx is not None:
+                    stats.setdefault("ptx_loss", []).append(float(ptx_loss.detach()) * ctx.dist.world_size)
+    stats["advantage_std"] = [float(masked_mean(adv.square(), mask).sqrt())]
+    return stats
 
 
 def train(ctx, cfg: PPOConfig) -> ModelPolicy:
     task, policy = ctx.task, ctx.policy
     critic = load_reward_model(task.path / task.reward_models[0], ctx.device)
-    env = ctx.make_env(cfg.batch_prompts, kl_estimator=cfg.kl_estimator)
+    lo, hi = ctx.dist.bounds(cfg.batch_prompts)  # this rank's rollout rows
+    env = ctx.make_env(hi - lo, kl_estimator=cfg.kl_estimator)
     kl_ctl = (AdaptiveKLController(ctx.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(ctx.beta))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -143,49 +195,28 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
     n_prompts = len(task.prompts("train"))
     policy.train()
     critic.train()
+    B = cfg.batch_prompts
     for it in ctx.iterations(cfg.iterations):
-        # 1) rollout through the environment; rewards with the current KL coefficient
-        r = collect(ctx, env, policy, draw_prompts(rng, n_prompts, cfg.batch_prompts))
+        # 1) rollout of this rank's prompts through the environment; rewards with the current KL coefficient
+        r = collect(ctx, env, policy, draw_prompts(rng, n_prompts, B)[lo:hi])
         mask = r.response_mask
         rewards = per_token_rewards(r.logprobs, r.ref_logprobs, r.scores, mask, kl_ctl.value, cfg.kl_estimator)
-        # 2) values, GAE, whitening
-        with torch.no_grad(), ctx.phase("train"):
-            old_values = token_values(critic, r.input_ids, r.attention_mask, r.prompt_width)  # (B, T)
-            adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                adv = whiten(adv, mask)
-        # 3) epochs of minibatches: clipped policy loss (+ ptx), clipped value loss
-        stats: dict[str, list[float]] = {}
-        B = mask.shape[0]
-        with ctx.phase("train"):
-            for _ in range(cfg.epochs):
-                perm = torch.randperm(B, generator=ctx.generator, device=ctx.device)
-                for rows in perm.chunk(cfg.minibatches):
-                    mb = r.select(rows)
-                    loss, pl, ptx_loss = policy_step(ctx, cfg, policy, mb, adv[rows], ptx)
-                    optimizer_step(loss, opt, cfg.max_grad_norm, "policy loss" + (" (with ptx)" if ptx else ""))
-                    values = token_values(critic, mb.input_ids, mb.attention_mask, mb.prompt_width)
-                    vf_loss, vf_clipfrac = clipped_value_loss(values, old_values[rows], returns[rows],
-                                                              mb.response_mask, cfg.value_clip)
-                    optimizer_step(vf_loss, critic_opt, cfg.max_grad_norm, "value loss")
-                    for k, v in (("policy_loss", pl.loss), ("clipfrac", pl.clipfrac), ("approx_kl", pl.approx_kl),
-                                 ("ratio", pl.ratio_mean), ("value_loss", vf_loss), ("value_clipfrac", vf_clipfrac),
-                                 ("ptx_loss", ptx_loss)):
-                        if v is not None:
-                            stats.setdefault(k, []).append(float(v.detach()))
-                    ctx.counters["trained_tokens"] += int(mb.attention_mask.sum())
-        # 4) KL controller and logging
-        seq_kl = float(masked_sum(r.logprobs - r.ref_logprobs, mask, dim=-1).mean())
+        # 2) values, GAE, whitening; 3) epochs of minibatches
+        stats = update(ctx, cfg, policy, critic, opt, critic_opt, r, rewards, ptx, B)
+        # 4) KL controller and logging, over the whole batch
+        sums = ctx.dist.sum(torch.stack([r.scores.sum(), masked_sum(r.logprobs - r.ref_logprobs, mask),
+                                         rewards.sum(), mask.sum().float()]))
+        score, seq_kl, ret, length = (float(v) / B for v in sums)
         beta = kl_ctl.value
         kl_ctl.update(seq_kl, B)
-        ctx.log(it, {"score": float(r.scores.mean()), "kl": seq_kl, "beta": beta,
-                     "return": float(rewards.sum(-1).mean()), "response_length": float(mask.sum(-1).float().mean()),
-                     "advantage_std": float(masked_mean(adv.square(), mask).sqrt()),
+        ctx.log(it, {"score": score, "kl": seq_kl, "beta": beta, "return": ret, "response_length": length,
                      **{k: sum(v) / len(v) for k, v in stats.items()}})
     return ModelPolicy(policy)
 
 
 @hookimpl
 def register_algorithms(register) -> None:
-    register(Algorithm("ppo", PPOConfig, train, "PPO with a KL penalty to the SFT policy (InstructGPT, Ziegler et al.)."))
-    register(Algorithm("ppo-ptx", PPOPtxConfig, train, "PPO plus gamma-weighted pretraining log-likelihood (InstructGPT)."))
+    register(Algorithm("ppo", PPOConfig, train, "PPO with a KL penalty to the SFT policy (InstructGPT, Ziegler et al.).",
+                       data_parallel=True))
+    register(Algorithm("ppo-ptx", PPOPtxConfig, train,
+                       "PPO plus gamma-weighted pretraining log-likelihood (InstructGPT).", data_parallel=True))

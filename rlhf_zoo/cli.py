@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -23,7 +24,8 @@ app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offlin
                   add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
-               "resume", "config", "quiet")
+               "resume", "nproc", "config", "quiet")
+_ARGV: list[str] = []  # the command line as given, for relaunching under torch's elastic launcher
 
 
 def _registry():
@@ -42,7 +44,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
         for name, item in sorted(table.items()):
             p = reg.provided_by[(kind, name)]
             out.append({"name": name, "description": item.description, "plugin": p.name,
-                        "distribution": p.distribution, "version": p.version})
+                        "distribution": p.distribution, "version": p.version,
+                        **({"kind": item.kind, "data_parallel": item.data_parallel} if kind == "algorithm" else {})})
         return out
 
     data = {"algorithms": rows("algorithm", reg.algorithms), "tasks": rows("task", reg.tasks),
@@ -57,7 +60,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
         if data[key] or key != "reward_functions":
             typer.echo(f"{title}:")
             for r in data[key]:
-                typer.echo(f"  {r['name']:<20} {r['description']}  [{r['distribution']} {r['version']}]")
+                dp = "  (--nproc)" if r.get("data_parallel") else ""
+                typer.echo(f"  {r['name']:<20} {r['description']}{dp}  [{r['distribution']} {r['version']}]")
     for e in data["load_errors"]:
         typer.echo(f"warning: plugin {e['plugin']!r} ({e['distribution']}) failed to load: {e['error']}", err=True)
 
@@ -175,6 +179,9 @@ def _algorithm_command(name: str) -> click.Command:
         click.Option(["--config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="JSON file of config values (options given here win)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+        click.Option(["--nproc"], type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Data-parallel processes on this machine, launched by torch.distributed.run "
+                          "(gloo on CPU, NCCL on GPUs)."),
     ]
     for f in dataclasses.fields(algo.config_cls):
         if f.name in RUN_OPTIONS:
@@ -192,6 +199,11 @@ def _algorithm_command(name: str) -> click.Command:
         from rlhf_zoo.runner import run
 
         common = {k: kwargs.pop(k) for k in RUN_OPTIONS}
+        if common["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
+            if not algo.data_parallel:
+                raise ConfigError(f"algorithm {name!r} does not shard its batches over processes; run it "
+                                  "with one process (data-parallel algorithms: see `zoo list`)")
+            raise typer.Exit(_launch(common["nproc"]))
         options = read_json_object(common["config"], "config file", "a JSON object of config values") if common["config"] else {}
         options.update({k: v for k, v in kwargs.items() if v is not None})
         out = common["out"] or Path("runs") / f"{name}-{common['task']}-s{common['seed']}"
@@ -199,11 +211,30 @@ def _algorithm_command(name: str) -> click.Command:
                       preset=common["preset"], options=options, task_seed=common["task_seed"],
                       checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
                       resume=common["resume"], progress=not common["quiet"])
-        _print_summary(summary, out)
+        if "rank" not in summary:  # the other ranks of a data-parallel run print nothing
+            _print_summary(summary, out)
 
     doc = (algo.config_cls.__doc__ or "").strip().splitlines()
     return click.Command(name, params=params, callback=callback,
                          help=algo.description + ("\n\n" + doc[0] if doc and not doc[0].startswith(algo.config_cls.__name__) else ""))
+
+
+def _launch(nproc: int) -> int:
+    """Re-run this ``zoo run`` command in ``nproc`` processes under torch's elastic launcher
+    (the same as ``torchrun --standalone --nproc-per-node N -m rlhf_zoo run ...``)."""
+    import subprocess
+
+    args, skip = [], False
+    for a in _ARGV:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "rlhf_zoo", *args]
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -246,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own bars show progress
+    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     # Typer vendors its own click, so its exceptions are caught next to click's (the run group is click's).
     try:
         rv = build_cli().main(args=argv, prog_name="zoo", standalone_mode=False)

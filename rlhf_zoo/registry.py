@@ -44,6 +44,8 @@ class Algorithm:
         description: one line for ``zoo list``.
         kind: ``policy`` (trains the policy), ``inference`` (changes how the policy answers, trains
             nothing, e.g. best-of-N) or ``reward_model`` (trains a reward model).
+        data_parallel: ``train`` shards its batches over the ranks of a data-parallel job
+            (``ctx.dist``, `rlhf_zoo.distributed`); only such algorithms run with ``--nproc`` > 1.
 
     Conventions: ``config_cls.presets`` may hold ``quick`` (a run of about a minute on two CPU cores)
     and should hold ``smoke`` (the smallest run that makes at least one update), which the conformance
@@ -55,6 +57,7 @@ class Algorithm:
     train: Callable[..., Any]
     description: str = ""
     kind: str = "policy"
+    data_parallel: bool = False
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def collect(ctx: Any, env: Any, model: torch.nn.Module, prompt_index: np.ndarray
         try:
             s = sample(model, env.prompt_ids, env.prompt_mask, ctx.max_new_tokens, eos_token_id=task.eos_token_id,
                        pad_token_id=task.pad_token_id, temperature=ctx.config.temperature,
-                       suppress_ids=task.suppress_ids, generator=ctx.generator)
+                       suppress_ids=task.suppress_ids, generator=ctx.sample_generator)
         except RuntimeError as e:  # torch.multinomial refuses NaN probabilities: say which weights are broken
             bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
             if bad is None:

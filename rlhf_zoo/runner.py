@@ -52,6 +52,7 @@ from rlhf_zoo.checkpoint import (
     write_checkpoint,
 )
 from rlhf_zoo.config import AlgoConfig
+from rlhf_zoo.distributed import SINGLE, Dist, init_from_env
 from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.evaluation import evaluate
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
@@ -109,12 +110,26 @@ class RunContext:
     show_progress: bool = True
     phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    dist: Dist = SINGLE  # this process's rank in a data-parallel job (`rlhf_zoo.distributed`)
     iteration: int = 0  # the iteration under way (0 before the loop)
     resumed_from: int | None = None  # the checkpoint's iteration when the run was resumed
     _tracked: dict[str, Any] = field(default_factory=dict)
     _total: int = 0
     _every: int = 0
     _bar: Any = None
+    _sample_generator: torch.Generator | None = None
+
+    @property
+    def sample_generator(self) -> torch.Generator:
+        """The RNG for sampling responses: the run's generator in a single process; in a data-parallel
+        job one stream per rank (ranks sample different prompts and must not share noise), while
+        ``generator`` stays the same on every rank for the shuffles they must agree on."""
+        if not self.dist.active:
+            return self.generator
+        if self._sample_generator is None:
+            stream = self.seed * 1_000_003 + self.dist.rank + 7919 * (self.resumed_from or 0)
+            self._sample_generator = torch.Generator(device=self.device).manual_seed(stream)
+        return self._sample_generator
 
     @property
     def max_new_tokens(self) -> int:
@@ -184,6 +199,8 @@ class RunContext:
         for k, v in row.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise NonFiniteError(f"metric {k!r} is {v}")
+        if not self.dist.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._bar is not None:
@@ -207,7 +224,10 @@ class RunContext:
                  "tracked": {name: state_of(obj) for name, obj in self._tracked.items()},
                  "generator": self.generator.get_state(), "rng": global_rng_state(),
                  "counters": dict(self.counters), "phase_seconds": dict(self.phase_seconds)}
-        info = {"algorithm": self.algorithm.name, "seed": self.seed, "total": self._total}
+        info = {"algorithm": self.algorithm.name, "seed": self.seed, "total": self._total,
+                "world_size": self.dist.world_size}
+        if not self.dist.is_main:  # every rank holds the same state but its sampling stream: rank 0 writes
+            return self.out / "checkpoints" / f"iter-{iteration:06d}"
         return write_checkpoint(self.out / "checkpoints", iteration, state, info, self.keep_checkpoints)
 
     def _restore(self, path: Path) -> int:
@@ -228,9 +248,11 @@ class RunContext:
         self.phase_seconds.clear()
         self.phase_seconds.update(state["phase_seconds"])
         iteration = int(info["iteration"])
-        metrics = self.out / "metrics.jsonl"
-        kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration]
-        metrics.write_text("".join(ln + "\n" for ln in kept))
+        self.dist.barrier()  # every rank has read the checkpoint before rank 0 may write the next one
+        if self.dist.is_main:
+            metrics = self.out / "metrics.jsonl"
+            kept = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration]
+            metrics.write_text("".join(ln + "\n" for ln in kept))
         self.resumed_from = iteration
         return iteration
 
@@ -318,19 +340,32 @@ def make_context(
     config = algo.config_cls.from_dict(options or {}, preset=preset)
     task_spec = registry.task(task)
     dev = resolve_device(device)
+    dist = init_from_env(dev.type)
+    if dist.active:
+        if not algo.data_parallel:
+            raise ConfigError(f"algorithm {algo.name!r} does not shard its batches over processes; run it "
+                              "with one process (data-parallel algorithms: see `zoo list`)")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(dev)
     if checkpoint_every is not None and checkpoint_every < 0:
         raise ConfigError(f"checkpoint_every must be >= 0 (0: never), got {checkpoint_every}")
     if keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     identity = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed,
                 "config": config.to_dict()}
-    resume = resume and _check_resumable(out, identity)
-    if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
-        (out / "metrics.jsonl").write_text("")
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    the_task = task_spec.load(seed=task_seed, progress=progress)
+    if dist.is_main:  # only rank 0 writes the run directory
+        out.mkdir(parents=True, exist_ok=True)
+        resume = resume and _check_resumable(out, identity)
+        if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
+            (out / "metrics.jsonl").write_text("")
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        the_task = task_spec.load(seed=task_seed, progress=progress)  # builds the task if it is not cached
+    dist.barrier()
+    if not dist.is_main:
+        resume = resume and latest_checkpoint(out / "checkpoints") is not None
+        the_task = task_spec.load(seed=task_seed, progress=False)
     seed_everything(seed)
     reference = the_task.load_policy(dev).requires_grad_(False)
     policy = the_task.load_policy(dev)
@@ -338,7 +373,7 @@ def make_context(
     generator = torch.Generator(device=dev).manual_seed(seed)
     return RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
-                      show_progress=progress)
+                      show_progress=progress and dist.is_main, dist=dist)
 
 
 def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
@@ -389,11 +424,12 @@ def run(
                 "max_new_tokens": ctx.max_new_tokens, "algorithm_plugin": provided.name,
                 "algorithm_distribution": provided.distribution, "plugins": plugins,
                 "plugin_load_errors": [{"plugin": e.plugin, "error": e.error} for e in registry.load_errors],
-                "versions": versions(), "git_commit": _git_commit(), "world_size": 1, "argv": sys.argv,
+                "versions": versions(), "git_commit": _git_commit(), "world_size": ctx.dist.world_size, "argv": sys.argv,
                 "checkpoint_every": ctx.checkpoint_every, "keep_checkpoints": ctx.keep_checkpoints,
                 "resumed_from": latest_checkpoint(out / "checkpoints").name if ctx.resume else None}
-    (out / "config.json").write_text(json.dumps(resolved, indent=2))
-    registry.manager.hook.on_run_start(run=ctx)
+    if ctx.dist.is_main:  # rank 0 writes the run directory and calls the plugins' hooks
+        (out / "config.json").write_text(json.dumps(resolved, indent=2))
+        registry.manager.hook.on_run_start(run=ctx)
 
     # 2) the algorithm
     train_start = time.perf_counter()
@@ -405,6 +441,9 @@ def run(
         kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
         raise NonFiniteError(f"{algo.name} iteration {ctx.iteration}: {e}; run stopped, {kept}") from None
     train_seconds = time.perf_counter() - train_start
+    if not ctx.dist.is_main:  # every rank holds the same final policy: rank 0 evaluates and saves it
+        ctx.dist.barrier()
+        return {"algorithm": algo.name, "task": task, "seed": seed, "rank": ctx.dist.rank}
 
     # 3) evaluation against the SFT baseline on the same prompts and seed
     summary: dict[str, Any] = {"algorithm": algo.name, "task": task, "seed": seed}
@@ -426,6 +465,7 @@ def run(
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     registry.manager.hook.on_run_end(run=ctx, summary=summary)
+    ctx.dist.barrier()
     return summary
 
 

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_zoo.distributed import all_reduce_gradients
 from rlhf_zoo.errors import NonFiniteError
 from rlhf_zoo.models import reward_scores
 from rlhf_zoo.ops.logprobs import logprobs_from_logits
-from rlhf_zoo.ops.masking import masked_mean, position_ids_from_mask
+from rlhf_zoo.ops.masking import masked_mean, masked_sum, position_ids_from_mask
 from rlhf_zoo.ops.ranking import pair_indices, ranking_loss
 
 
@@ -46,29 +47,45 @@ def collate_lm(rows: Sequence[LMRow], pad_id: int, device: str | torch.device = 
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], suppress_ids: Sequence[int] = ()) -> torch.Tensor:
-    """Mean negative log-likelihood of the counted tokens (token t predicted from tokens < t)."""
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], suppress_ids: Sequence[int] = (),
+            normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood of the counted tokens (token t predicted from tokens < t); with
+    ``normalizer``, their sum divided by it (a shard's part of a larger batch's mean)."""
     attn = batch["attention_mask"]
     logits = model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
     logp = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:], suppress_ids=suppress_ids)  # (B, T-1)
+    if normalizer is not None:
+        return masked_sum(-logp, batch["loss_mask"][:, 1:]) / normalizer
     return masked_mean(-logp, batch["loss_mask"][:, 1:])
 
 
-def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
-                   term: str = "loss") -> torch.Tensor:
-    """Backward, clip, step, with the non-finite checks every training loop needs: a NaN or infinite
-    ``loss`` or gradient raises `NonFiniteError` naming ``term`` BEFORE the parameters change, so the
-    model and the last checkpoint stay good. Returns the gradient norm before clipping."""
+def backward(loss: torch.Tensor, term: str = "loss") -> None:
+    """``loss.backward()``, refusing a NaN or infinite ``loss`` (`NonFiniteError` naming ``term``).
+    Gradients add up in ``.grad``: call once per micro-batch, then `optimizer_step` with no loss."""
     if not torch.isfinite(loss.detach()):
         raise NonFiniteError(f"{term} is {loss.item()}")
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+
+
+def optimizer_step(loss: torch.Tensor | None, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                   term: str = "loss") -> torch.Tensor:
+    """One step: backward ``loss`` (or use the gradients already accumulated by `backward` when ``loss``
+    is None), average them over the data-parallel ranks, clip, step, zero the gradients.
+
+    A NaN or infinite loss or gradient raises `NonFiniteError` naming ``term`` BEFORE the parameters
+    change, so the model and the last checkpoint stay good. Returns the gradient norm before clipping."""
+    if loss is not None:
+        optimizer.zero_grad(set_to_none=True)
+        backward(loss, term)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    all_reduce_gradients(params)
+    with_grad = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm if max_grad_norm else math.inf)
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"gradient of {term} is non-finite (norm {norm.item()})")
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return norm
 
 

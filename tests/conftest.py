@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+collect_ignore = ["example_plugin"]  # its own test suite, run by tests/test_example_plugin.py once installed
+
 
 @pytest.fixture(scope="session")
 def exact_task():

@@ -14,7 +14,7 @@ from rlhf_zoo.ops.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_zoo.ops.policy_losses import clipped_policy_loss, clipped_value_loss
 from rlhf_zoo.rollout import collect, draw_prompts
 from rlhf_zoo.runner import make_context, run
-from rlhf_zoo_plugins.ppo import PretrainBatches, policy_step
+from rlhf_zoo_plugins.ppo import PretrainBatches, policy_loss
 
 TINY = {"iterations": 2, "batch_prompts": 8, "minibatches": 2, "epochs": 1, "eval_prompts": 2, "eval_samples": 1}
 
@@ -99,7 +99,7 @@ def test_ppo_first_minibatch_has_ratio_one_clipfrac_zero_kl_zero(ppo_ctx):
     env = ctx.make_env(8)
     r = collect(ctx, env, ctx.policy, draw_prompts(np.random.default_rng(0), 9, 8))
     adv = torch.randn(r.response_mask.shape, generator=torch.Generator().manual_seed(0))
-    _, pl, _ = policy_step(ctx, ctx.config, ctx.policy, r, adv, None)
+    _, pl = policy_loss(ctx, ctx.config, ctx.policy, r, adv, r.response_mask.sum())
     assert pl.ratio_mean.item() == pytest.approx(1.0, abs=1e-5)
     assert pl.clipfrac.item() == 0.0
     assert abs(pl.approx_kl.item()) < 1e-6
@@ -113,7 +113,7 @@ def test_ppo_losses_finite_for_degenerate_batches(ppo_ctx):
         v = torch.zeros_like(rewards)
         adv, ret = gae(rewards * r.response_mask, v, r.response_mask)
         adv = whiten(adv, r.response_mask)
-        loss, _, _ = policy_step(ctx, ctx.config, ctx.policy, r, adv, None)
+        loss, _ = policy_loss(ctx, ctx.config, ctx.policy, r, adv, r.response_mask.sum())
         assert torch.isfinite(loss)
     empty = torch.zeros_like(r.response_mask)  # an empty response: nothing counts
     out = clipped_policy_loss(r.logprobs, r.logprobs, torch.ones_like(r.logprobs), empty, 0.2)
@@ -169,9 +169,9 @@ def test_ppo_ptx_with_zero_coefficient_equals_ppo(exact_task, tmp_path):
 def test_pretrain_batches_use_their_own_random_stream(exact_task):
     state = torch.random.get_rng_state()
     batches = PretrainBatches(exact_task, 4, seed=3, device=torch.device("cpu"))
-    first = batches.next()["input_ids"]
+    first = batches.next()[0]["input_ids"]
     assert torch.equal(torch.random.get_rng_state(), state)  # global RNG untouched
-    again = PretrainBatches(exact_task, 4, seed=3, device=torch.device("cpu")).next()["input_ids"]
+    again = PretrainBatches(exact_task, 4, seed=3, device=torch.device("cpu")).next()[0]["input_ids"]
     assert torch.equal(first, again)
     assert (first[:, 0] == exact_task.tokenizer.bos_token_id).all()
 

@@ -7,9 +7,11 @@ before emitting token t; ``rewards[t]`` = r_t, the reward for emitting it. Posit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from rlhf_zoo.ops.masking import masked_mean
+from rlhf_zoo.ops.masking import masked_mean, masked_sum
 
 
 def gae(
@@ -42,15 +44,23 @@ def gae(
     return adv, (adv + values) * m
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise ``x`` to unit variance over the counted entries (and zero mean when ``shift_mean``);
-    entries off the mask are returned as 0. With fewer than 2 counted entries, only centre."""
-    mean = masked_mean(x, mask)
+    entries off the mask are returned as 0. With fewer than 2 counted entries, only centre.
+
+    ``all_reduce`` (a sum over processes, e.g. ``ctx.dist.sum``) takes the mean and variance over the
+    counted entries of every process's shard, so a sharded batch is whitened as the whole batch."""
+    if all_reduce is None:
+        mean, n = masked_mean(x, mask), mask.sum()
+    else:
+        total, n = all_reduce(torch.stack([masked_sum(x, mask), mask.sum().to(x.dtype)]))
+        mean = total / n.clamp(min=1)
     centred = torch.where(mask.bool(), x - mean, torch.zeros_like(x))
-    n = mask.sum()
     if n < 2:
         return centred if shift_mean else torch.where(mask.bool(), x, torch.zeros_like(x))
-    var = centred.square().sum() / (n - 1)
+    squares = centred.square().sum()
+    var = (squares if all_reduce is None else all_reduce(squares)) / (n - 1)
     out = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         out = torch.where(mask.bool(), out + mean, out)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_zoo.ops.masking import masked_mean
+from rlhf_zoo.ops.masking import masked_mean, masked_sum
 
 
 @dataclass
@@ -18,14 +18,18 @@ class PolicyLoss:
 
 
 def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float,
+    normalizer: torch.Tensor | float | None = None,
 ) -> PolicyLoss:
-    """L = -E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)],  rho = exp(logprobs - old_logprobs).  (B, T) inputs."""
+    """L = -E[min(rho A, clip(rho, 1 - eps, 1 + eps) A)],  rho = exp(logprobs - old_logprobs).  (B, T) inputs.
+
+    E is the mean over counted tokens; with ``normalizer``, their sum divided by it (this shard's part of
+    a larger batch's mean, `rlhf_zoo.distributed`). The statistics are always means over these tokens."""
     log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = _reduce(torch.maximum(unclipped, clipped), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
@@ -34,13 +38,19 @@ def clipped_policy_loss(
 
 
 def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float,
+    normalizer: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """0.5 E[max((V - R)^2, (clip(V, V_old +- eps) - R)^2)] (the PPO2 value clip). -> (loss, clipfrac)"""
+    """0.5 E[max((V - R)^2, (clip(V, V_old +- eps) - R)^2)] (the PPO2 value clip). -> (loss, clipfrac)
+    ``normalizer``: as in `clipped_policy_loss`."""
     v_clipped = old_values + (values - old_values).clamp(-clip, clip)
     err = (values - returns).square()
     err_clipped = (v_clipped - returns).square()
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    loss = 0.5 * _reduce(torch.maximum(err, err_clipped), mask, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((err_clipped > err).float(), mask)
     return loss, clipfrac
+
+
+def _reduce(x: torch.Tensor, mask: torch.Tensor, normalizer: torch.Tensor | float | None) -> torch.Tensor:
+    return masked_mean(x, mask) if normalizer is None else masked_sum(x, mask) / normalizer
