@@ -142,6 +142,8 @@ def load_pairs_with_report(task, cfg: DPOConfig) -> tuple[list[tuple[str, str, s
         report = data_report.metrics()
     else:
         ds = task.dataset("pairs")
+        if cfg.max_pairs:  # read only the rows that are used
+            ds = ds.select(range(min(cfg.max_pairs, len(ds))))
         pairs = list(zip(ds["prompt"], ds["chosen"], ds["rejected"], strict=True))
     return (pairs[: cfg.max_pairs] if cfg.max_pairs else pairs), report
 

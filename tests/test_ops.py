@@ -334,3 +334,32 @@ def test_sample_logprobs_equal_sequence_logprobs_at_temperature(tiny_lm):
         if not s.finished[row]:
             assert n == s.response_ids.shape[1]
     assert s.finished.any(), "expected at least one row to finish (seeded)"
+
+
+def test_pack_rows_moves_real_tokens_to_the_front_and_trims():
+    from rlhf_zoo.ops.logprobs import pack_rows
+
+    ids = torch.tensor([[0, 0, 5, 6, 7, 0], [0, 8, 9, 4, 0, 0], [3, 2, 1, 4, 5, 6]])
+    mask = (ids != 0).long()
+    mask[2] = torch.tensor([1, 1, 1, 1, 0, 0])  # ids where the mask is 0 are padding, whatever their value
+    packed, pmask, start = pack_rows(ids, mask)
+    assert start.tolist() == [2, 1, 0]
+    assert pmask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert packed[pmask.bool()].tolist() == [5, 6, 7, 8, 9, 4, 3, 2, 1, 4]
+
+
+def test_packed_response_logprobs_equal_the_padded_layout(exact_task):
+    """response_logprobs runs on packed rows; the log-probs must be those of [left-padded prompt |
+    right-padded response] rows, token for token."""
+    from rlhf_zoo.models import load_policy
+    from rlhf_zoo.ops.logprobs import response_logprobs, sequence_logprobs
+
+    model = load_policy(exact_task.path / "sft")
+    pairs = exact_task.dataset("pairs")
+    p_ids, p_mask = exact_task.encode_prompts(pairs["prompt"][:32], "cpu")
+    r_ids, r_mask = exact_task.encode_responses(pairs["chosen"][:32], max_len=exact_task.max_new_tokens, device="cpu")
+    packed = response_logprobs(model, p_ids, p_mask, r_ids, r_mask, 0.7, exact_task.suppress_ids)
+    padded = sequence_logprobs(model, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1],
+                               0.7, exact_task.suppress_ids)
+    padded = torch.where(r_mask.bool(), padded, torch.zeros(()))
+    assert torch.allclose(packed, padded, atol=1e-6) and (packed[r_mask.bool()] < 0).all()

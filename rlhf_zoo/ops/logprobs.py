@@ -69,8 +69,29 @@ def response_logprobs(
     suppress_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Per-token log-probs of right-padded responses after left-padded prompts, 0 off the mask.
-    prompt (B, P), response (B, T) -> (B, T). Sum them for log pi(y|x) (DPO), average for RRHF's score."""
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    mask = torch.cat([prompt_mask, response_mask], 1)
-    lp = sequence_logprobs(model, ids, mask, prompt_ids.shape[1], temperature, suppress_ids)
-    return torch.where(response_mask.bool(), lp, torch.zeros_like(lp))
+    prompt (B, P), response (B, T) -> (B, T). Sum them for log pi(y|x) (DPO), average for RRHF's score.
+
+    The forward runs on packed rows: each row's prompt and response tokens moved to the front, so the
+    width is the longest prompt + response of the batch, not the longest prompt plus the longest
+    response (rows where both are long are rare: about a fifth fewer positions on ``sentiment``). Every
+    token keeps its position id, so the log-probs are those of the padded layout."""
+    ids, mask, _ = pack_rows(torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    lp = logprobs_from_logits(out.logits[:, :-1], ids[:, 1:], temperature, suppress_ids)  # (B, L - 1)
+    # response token j of row b sits at packed column prompt_len[b] + j; its log-prob is column - 1 of lp
+    prompt_len = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+    T = response_ids.shape[1]
+    cols = (prompt_len - 1 + torch.arange(T, device=ids.device)).clamp(0, lp.shape[1] - 1)  # (B, T)
+    return torch.where(response_mask.bool(), lp.gather(1, cols), torch.zeros((), device=lp.device))
+
+
+def pack_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of a left-padded block followed by a right-padded block (``[prompt | response]``): move each
+    row's real tokens, which are contiguous, to the front and trim the columns that are padding in every
+    row.  (B, L) -> (B, L'), (B, L'), and the (B,) number of leading pads each row had."""
+    L = ids.shape[1]
+    start = (mask.long().cumsum(-1) == 0).sum(-1)  # leading padding of each row
+    cols = (torch.arange(L, device=ids.device) + start[:, None]) % L  # (B, L): rotate each row left by start
+    packed_mask = mask.gather(1, cols)
+    width = int(packed_mask.sum(-1).max()) if len(ids) else 0
+    return ids.gather(1, cols)[:, :width], packed_mask[:, :width], start
