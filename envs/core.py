@@ -31,7 +31,7 @@ import torch
 from gymnasium import spaces
 from transformers import DynamicCache
 
-from rlhf_zoo.ops import logprobs_from_logits, per_token_rewards, position_ids_from_mask, sequence_logprobs
+from rlhf_zoo.ops import logprobs_from_logits, per_token_rewards, position_ids_from_mask, response_logprobs
 from rlhf_zoo.ops.kl import KLEstimator, kl_penalty
 from rlhf_zoo_envs.tasks.base import Task
 
@@ -249,11 +249,8 @@ class GenerationCore:
         response_mask: torch.Tensor,
     ) -> torch.Tensor:
         """Reference log-probs of whole responses: ONE forward for the batch.  -> (B, T), 0 off the mask."""
-        prompt_ids, prompt_mask = trim_left_padding(prompt_ids, prompt_mask)
-        ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P' + T)
-        mask = torch.cat([prompt_mask, response_mask], dim=1).long()
-        lp = sequence_logprobs(self.ref_model, ids, mask, prompt_ids.shape[1], self.temperature, self.suppress_ids)
-        return torch.where(response_mask.bool(), lp, 0.0)
+        return response_logprobs(self.ref_model, prompt_ids, prompt_mask, response_ids, response_mask.long(),
+                                 self.temperature, self.suppress_ids)  # packed rows
 
     def clean_responses(self, response_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Canonical responses: the mask made a prefix that stops at the first EOS (tokens after it are not

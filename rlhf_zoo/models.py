@@ -18,7 +18,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from rlhf_zoo.ops.masking import last_true_index, position_ids_from_mask
+from rlhf_zoo.ops.logprobs import pack_rows
+from rlhf_zoo.ops.masking import position_ids_from_mask
 
 
 def tiny_llama_config(
@@ -102,12 +103,20 @@ def _score_head(model: PreTrainedModel) -> torch.nn.Module:
     raise TypeError(f"{type(model).__name__} has no scalar head named score, classifier or v_head")
 
 
+def _packed_hidden(model: PreTrainedModel, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states of rows packed to the front (`rlhf_zoo.ops.logprobs.pack_rows`: the same
+    states as the padded layout, on fewer positions).  -> hidden (B, L', H), packed mask (B, L')"""
+    ids, mask, _ = pack_rows(input_ids, attention_mask)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    return hidden.last_hidden_state, mask
+
+
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar score of each row, read at its last real token.  (B, T) -> (B,) fp32."""
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state  # (B, T, H)
-    last = last_true_index(attention_mask).clamp(min=0)  # (B,)
+    """Scalar score of each row, read at its last real token.  (B, T) -> (B,) fp32. A row's real tokens
+    must be contiguous (left- and/or right-padded)."""
+    hidden, mask = _packed_hidden(model, input_ids, attention_mask)  # (B, L', H)
+    last = (mask.sum(-1) - 1).clamp(min=0)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     return _score_head(model)(pooled).squeeze(-1).float()
 
@@ -115,8 +124,11 @@ def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
 def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  response_start: int) -> torch.Tensor:
     """Per-token values of a critic with a scalar head: V(s_t) for response token t is the head read at
-    the position just before it (the state ``prompt + response[:t]``).  (B, P + T) -> (B, T) fp32."""
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state  # (B, P + T, H)
-    return _score_head(model)(hidden[:, response_start - 1 : -1]).squeeze(-1).float()
+    the position just before it (the state ``prompt + response[:t]``).  (B, P + T) -> (B, T) fp32, rows
+    a left-padded prompt then a right-padded response (values past a response's end are not meaningful)."""
+    hidden, _ = _packed_hidden(model, input_ids, attention_mask)  # (B, L', H)
+    prompt_len = attention_mask[:, :response_start].sum(-1, keepdim=True)  # (B, 1)
+    T = input_ids.shape[1] - response_start
+    cols = (prompt_len - 1 + torch.arange(T, device=hidden.device)).clamp(0, hidden.shape[1] - 1)  # (B, T)
+    states = hidden.gather(1, cols.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, T, H)
+    return _score_head(model)(states).squeeze(-1).float()

@@ -93,5 +93,8 @@ def pack_rows(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
     start = (mask.long().cumsum(-1) == 0).sum(-1)  # leading padding of each row
     cols = (torch.arange(L, device=ids.device) + start[:, None]) % L  # (B, L): rotate each row left by start
     packed_mask = mask.gather(1, cols)
+    if not torch.equal(packed_mask.long().cumprod(-1), packed_mask.long()):
+        raise ValueError("pack_rows: each row's real tokens must be contiguous (left padding, then the "
+                         "tokens, then right padding)")
     width = int(packed_mask.sum(-1).max()) if len(ids) else 0
     return ids.gather(1, cols)[:, :width], packed_mask[:, :width], start
