@@ -209,10 +209,14 @@ def pair_logprobs(model, pairs: Pairs, idx: torch.Tensor, suppress_ids) -> tuple
 
 @torch.no_grad()
 def reference_logprobs(reference, pairs: Pairs, suppress_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_ref of every chosen and rejected response, computed once.  -> (N,), (N,)"""
-    out = [pair_logprobs(reference, pairs, idx, suppress_ids)[:2]
-           for idx in torch.arange(len(pairs), device=pairs.prompt_ids.device).split(REFERENCE_BATCH)]
-    return torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
+    """log pi_ref of every chosen and rejected response, computed once.  -> (N,), (N,)
+    Pairs go through in order of length, so each batch holds rows of similar width (less padding)."""
+    length = pairs.prompt_mask.sum(-1) + torch.maximum(pairs.chosen_mask.sum(-1), pairs.rejected_mask.sum(-1))
+    order = torch.argsort(length, stable=True)
+    out = [pair_logprobs(reference, pairs, idx, suppress_ids)[:2] for idx in order.split(REFERENCE_BATCH)]
+    chosen, rejected = torch.empty(len(pairs), device=order.device), torch.empty(len(pairs), device=order.device)
+    chosen[order], rejected[order] = torch.cat([c for c, _ in out]), torch.cat([r for _, r in out])
+    return chosen, rejected
 
 
 def train(ctx, cfg: DPOConfig) -> DPOPolicy:
