@@ -259,8 +259,8 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
                                      -chosen.detach().sum(), torch.tensor(float(tokens), device=ctx.device)])
             grad_norm = optimizer_step(None, opt, MAX_GRAD_NORM, term)
             sched.step()
-        loss_sum, correct, margin, r_c, r_r, nll_sum, tokens = ctx.dist.sum(sums).tolist()
-        ctx.counters["trained_tokens"] += int(tokens)
+        ctx.counters["trained_tokens"] += int(sums[6])  # this rank's; the runner sums the ranks'
+        loss_sum, correct, margin, r_c, r_r, nll_sum, _ = ctx.dist.sum(sums).tolist()
         # 5) metrics of this step (over the whole batch)
         ctx.log(step, {"loss": loss_sum / n_pairs, "reward_accuracy": correct / n_pairs,
                        "reward_margin": margin / n_pairs, "reward_chosen": r_c / n_pairs,

@@ -71,6 +71,15 @@ class Dist:
         """The loss whose rank-averaged gradient is that of (sum over all ranks' items) / total_count."""
         return local_sum * self.world_size / total_count
 
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``x`` (same shape and dtype on each), stacked in rank order (on the CPU)."""
+        if not self.active:
+            return x.detach().cpu().unsqueeze(0)
+        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+        parts = [torch.empty_like(x, device=device) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.detach().to(device))
+        return torch.stack([p.cpu() for p in parts])
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

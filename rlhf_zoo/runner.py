@@ -126,7 +126,7 @@ class RunContext:
         ``generator`` stays the same on every rank for the shuffles they must agree on."""
         if not self.dist.active:
             return self.generator
-        if self._sample_generator is None:
+        if self._sample_generator is None:  # (a resumed run restores it from the checkpoint instead)
             stream = self.seed * 1_000_003 + self.dist.rank + 7919 * (self.resumed_from or 0)
             self._sample_generator = torch.Generator(device=self.device).manual_seed(stream)
         return self._sample_generator
@@ -224,6 +224,12 @@ class RunContext:
                  "tracked": {name: state_of(obj) for name, obj in self._tracked.items()},
                  "generator": self.generator.get_state(), "rng": global_rng_state(),
                  "counters": dict(self.counters), "phase_seconds": dict(self.phase_seconds)}
+        if self.dist.active:  # what differs between ranks: their sampling streams and token counts
+            counts = torch.tensor([self.counters["generated_tokens"], self.counters["trained_tokens"]],
+                                  dtype=torch.float64)
+            generator_state = self.sample_generator.get_state().to(torch.int64)  # (gloo gathers no uint8)
+            state["ranks"] = {"sample_generator": self.dist.gather(generator_state),
+                              "token_counts": self.dist.gather(counts)}
         info = {"algorithm": self.algorithm.name, "seed": self.seed, "total": self._total,
                 "world_size": self.dist.world_size}
         if not self.dist.is_main:  # every rank holds the same state but its sampling stream: rank 0 writes
@@ -245,6 +251,12 @@ class RunContext:
         set_global_rng_state(state["rng"])
         self.counters.clear()
         self.counters.update(state["counters"])
+        ranks = state.get("ranks")
+        if self.dist.active and ranks is not None and len(ranks["token_counts"]) == self.dist.world_size:
+            self._sample_generator = torch.Generator(device=self.device)
+            self._sample_generator.set_state(ranks["sample_generator"][self.dist.rank].to(torch.uint8))
+            generated, trained = ranks["token_counts"][self.dist.rank].tolist()
+            self.counters.update({"generated_tokens": int(generated), "trained_tokens": int(trained)})
         self.phase_seconds.clear()
         self.phase_seconds.update(state["phase_seconds"])
         iteration = int(info["iteration"])
@@ -441,6 +453,9 @@ def run(
         kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
         raise NonFiniteError(f"{algo.name} iteration {ctx.iteration}: {e}; run stopped, {kept}") from None
     train_seconds = time.perf_counter() - train_start
+    for key in ("generated_tokens", "trained_tokens"):  # counters are per rank: the run's are their sum
+        count = torch.tensor(float(ctx.counters[key]), dtype=torch.float64, device=ctx.device)
+        ctx.counters[key] = int(ctx.dist.sum(count).item())
     if not ctx.dist.is_main:  # every rank holds the same final policy: rank 0 evaluates and saves it
         ctx.dist.barrier()
         return {"algorithm": algo.name, "task": task, "seed": seed, "rank": ctx.dist.rank}

@@ -85,11 +85,41 @@ def ppo_update(out: Path, rollout_path: Path) -> dict[str, torch.Tensor]:
             **{f"critic.{n}": p.detach().clone() for n, p in critic.named_parameters()}}
 
 
+def ppo_resume(out: Path) -> dict[str, torch.Tensor]:
+    """A 2-rank ppo run, and the same run resumed from its first checkpoint (as after a crash right after
+    it): final policies of both, and their summaries in OUT/ppo_resume.json (rank 0)."""
+    import json
+    import shutil
+
+    from rlhf_zoo.distributed import current
+    from rlhf_zoo.runner import run
+
+    full, resumed = out / "resume-full", out / "resume-resumed"
+    opts = {**PPO, "iterations": 3}
+    kwargs = dict(task="exact", seed=0, device="cpu", options=opts, progress=False, checkpoint_every=1,
+                  keep_checkpoints=10)
+    summaries = [run("ppo", out=full, **kwargs)]
+    d = current()
+    if d.is_main:
+        (resumed / "checkpoints").mkdir(parents=True)
+        for name in ("config.json", "metrics.jsonl"):
+            shutil.copy(full / name, resumed / name)
+        shutil.copytree(full / "checkpoints" / "iter-000001", resumed / "checkpoints" / "iter-000001")
+    d.barrier()
+    summaries.append(run("ppo", out=resumed, resume=True, **kwargs))
+    if not d.is_main:
+        return {}
+    (out / "ppo_resume.json").write_text(json.dumps(summaries))
+    return {f"{tag}.{k}": v for tag, path in (("full", full), ("resumed", resumed))
+            for k, v in load_file(str(path / "policy" / "model.safetensors")).items()}
+
+
 def main(out: Path, rollout_path: Path) -> None:
     dist = init_from_env("cpu")
     torch.set_num_threads(1)
     results = {"dpo_gradients": dpo_gradients(out), "dpo_step": dpo_step(out, 0),
-               "dpo_step_micro1": dpo_step(out, 1), "ppo_update": ppo_update(out, rollout_path)}
+               "dpo_step_micro1": dpo_step(out, 1), "ppo_update": ppo_update(out, rollout_path),
+               "ppo_resume": ppo_resume(out)}
     if dist.is_main:
         for name, tensors in results.items():
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"{name}.safetensors"))

@@ -84,6 +84,19 @@ def test_ppo_two_ranks_take_the_whole_batch_steps(two_ranks, tmp_path):
     _close(load_file(str(two_ranks / "ppo_update.safetensors")), single, "PPO update (2 minibatches x 2 epochs)")
 
 
+def test_a_two_rank_run_resumed_from_a_checkpoint_is_the_uninterrupted_run(two_ranks):
+    """Each rank's sampling stream and token counts are in the checkpoint, so a multi-process resume is
+    exact too."""
+    weights = load_file(str(two_ranks / "ppo_resume.safetensors"))
+    full = {k[5:]: v for k, v in weights.items() if k.startswith("full.")}
+    resumed = {k[8:]: v for k, v in weights.items() if k.startswith("resumed.")}
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    a, b = json.loads((two_ranks / "ppo_resume.json").read_text())
+    for key in ("gold_reward", "kl_to_ref", "kl_to_optimum", "generated_tokens", "trained_tokens"):
+        assert a[key] == b[key], key
+    assert a["generated_tokens"] > 0 and a["trained_tokens"] > 0
+
+
 def test_single_process_is_not_distributed():
     from rlhf_zoo.distributed import current
 
