@@ -111,6 +111,9 @@ class RunContext:
     phase_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     counters: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     dist: Dist = SINGLE  # this process's rank in a data-parallel job (`rlhf_zoo.distributed`)
+    task_name: str = DEFAULT_TASK  # as the run was asked for (the registry's name), with the task seed and preset
+    task_seed: int = 0
+    preset: str | None = None
     iteration: int = 0  # the iteration under way (0 before the loop)
     resumed_from: int | None = None  # the checkpoint's iteration when the run was resumed
     _tracked: dict[str, Any] = field(default_factory=dict)
@@ -385,7 +388,8 @@ def make_context(
     generator = torch.Generator(device=dev).manual_seed(seed)
     return RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
-                      show_progress=progress and dist.is_main, dist=dist)
+                      show_progress=progress and dist.is_main, dist=dist, task_name=task, task_seed=task_seed,
+                      preset=preset)
 
 
 def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
@@ -403,31 +407,18 @@ def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
     return True
 
 
-def run(
-    algorithm: str,
-    *,
-    task: str = DEFAULT_TASK,
-    seed: int = 0,
-    out: str | Path = "runs/latest",
-    device: str = "auto",
-    preset: str | None = None,
-    options: dict[str, Any] | None = None,
-    task_seed: int = 0,
-    checkpoint_every: int | None = None,
-    keep_checkpoints: int = KEEP_CHECKPOINTS,
-    resume: bool = False,
-    progress: bool = True,
-    registry: Registry | None = None,
-) -> dict[str, Any]:
-    """Run ``algorithm`` on ``task`` and write the run directory. Returns summary.json's content."""
+def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
+    """Run ``algorithm`` and write the run directory. Returns summary.json's content.
+
+    Keyword arguments are those of `make_context` (task, seed, out, device, preset, options, task_seed,
+    checkpoint_every, keep_checkpoints, resume, progress, registry), with the same defaults."""
     wall_start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = resolve_device(kwargs.get("device", "auto"))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     # 1) task, models, seeding
-    ctx = make_context(algorithm, task=task, seed=seed, out=out, device=device, preset=preset, options=options,
-                       task_seed=task_seed, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                       resume=resume, progress=progress, registry=registry)
+    ctx = make_context(algorithm, **kwargs)
+    task, seed, task_seed, preset = ctx.task_name, ctx.seed, ctx.task_seed, ctx.preset
     algo, config, registry, the_task, out = ctx.algorithm, ctx.config, ctx.registry, ctx.task, ctx.out
     plugins = [{"name": p.name, "distribution": p.distribution, "version": p.version} for p in registry.plugins]
     provided = registry.provided_by[("algorithm", algo.name)]

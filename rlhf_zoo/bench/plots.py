@@ -64,13 +64,8 @@ def frontier(task: str, records: list[dict[str, Any]], exact: dict[str, Any] | N
                         fmt="o", color=color, capsize=3, label=algo if r is recs[0] else None)
             if r["variant"] != DEFAULT_VARIANT:
                 ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("KL(pi || pi_ref)  (IQM over seeds, 95% CI)")
-    ax.set_ylabel("gold reward  (IQM over seeds, 95% CI)")
-    ax.set_title(f"{task}: gold reward vs KL to the reference")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "KL(pi || pi_ref)  (IQM over seeds, 95% CI)", "gold reward  (IQM over seeds, 95% CI)",
+            f"{task}: gold reward vs KL to the reference")
 
 
 def overoptimisation(task: str, records: list[dict[str, Any]], path: Path) -> None:
@@ -80,9 +75,15 @@ def overoptimisation(task: str, records: list[dict[str, Any]], path: Path) -> No
         xs = [v for r in recs if "proxy_reward" in r["metrics"] for v in r["metrics"]["proxy_reward"]["per_seed"]]
         ys = [v for r in recs if "proxy_reward" in r["metrics"] for v in r["metrics"]["gold_reward"]["per_seed"]]
         ax.scatter(xs, ys, color=f"C{i % 10}", label=algo, alpha=0.8)
-    ax.set_xlabel("proxy reward (what the algorithm optimised)")
-    ax.set_ylabel("gold reward")
-    ax.set_title(f"{task}: proxy vs gold, one point per run")
+    _finish(plt, fig, ax, path, "proxy reward (what the algorithm optimised)", "gold reward",
+            f"{task}: proxy vs gold, one point per run")
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, legend, and the PNG written and closed."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
