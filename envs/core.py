@@ -33,6 +33,7 @@ from transformers import DynamicCache
 
 from rlhf_zoo.ops import logprobs_from_logits, per_token_rewards, position_ids_from_mask, response_logprobs
 from rlhf_zoo.ops.kl import KLEstimator, kl_penalty
+from rlhf_zoo.ops.kv_cache import cached_forward
 from rlhf_zoo_envs.tasks.base import Task
 
 FINISH_EOS = "eos"
@@ -106,10 +107,9 @@ class IncrementalReference:
         self.cache = DynamicCache()
         self.attn = prompt_mask.long()  # (B, P' + t)
         with torch.no_grad():
-            out = core.ref_model(input_ids=prompt_ids, attention_mask=self.attn,
-                                 position_ids=position_ids_from_mask(self.attn), past_key_values=self.cache,
-                                 use_cache=True)
-        self.next_logits = out.logits[:, -1:].clone()  # (B, 1, V) predicts the next token; frees (B, P', V)
+            logits = cached_forward(core.ref_model, input_ids=prompt_ids, attention_mask=self.attn,
+                                    position_ids=position_ids_from_mask(self.attn), cache=self.cache)
+        self.next_logits = logits[:, -1:].clone()  # (B, 1, V) predicts the next token; frees (B, P', V)
         self.next_pos = self.attn.sum(-1, keepdim=True)  # (B, 1)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # last (tokens, alive), not yet fed
 
@@ -121,9 +121,8 @@ class IncrementalReference:
         if self._pending is not None:
             prev, prev_alive = self._pending
             self.attn = torch.cat([self.attn, prev_alive.long()[:, None]], dim=1)
-            out = self.core.ref_model(input_ids=prev[:, None], attention_mask=self.attn, position_ids=self.next_pos,
-                                      past_key_values=self.cache, use_cache=True)
-            self.next_logits = out.logits[:, -1:]
+            self.next_logits = cached_forward(self.core.ref_model, input_ids=prev[:, None], attention_mask=self.attn,
+                                              position_ids=self.next_pos, cache=self.cache)[:, -1:]
             self.next_pos = self.next_pos + 1
         tokens = torch.where(alive, tokens, self.core.pad_token_id)  # (B,)
         self._pending = (tokens, alive)

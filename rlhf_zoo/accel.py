@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from rlhf_zoo.ops.kv_cache import passed_cache
+
 #: the low-precision dtype of forward passes on CUDA
 CUDA_AUTOCAST_DTYPE = torch.bfloat16
 
@@ -192,7 +194,7 @@ def count_params(model: torch.nn.Module) -> int:
 # --- decode meter ---------------------------------------------------------------------------------------------
 @dataclass
 class DecodeMeter:
-    """Counts, times and sizes the forwards that run with a KV cache (``past_key_values`` given) on the
+    """Counts, times and sizes the forwards that run with a KV cache (a ``cache`` / ``past_key_values`` given) on the
     watched models: the prefill (empty cache) and the single-token decode steps that follow it, for
     `rlhf_zoo.generation.sample` and for transformers' ``generate`` alike. Forwards without a cache
     (training, reference and reward forwards) are ignored.
@@ -245,7 +247,7 @@ class DecodeMeter:
     @staticmethod
     def _cache_state(kwargs: dict[str, Any]) -> tuple[int, int, int] | None:
         """(cached positions before the forward, new positions, batch), or None without a cache."""
-        past, ids = kwargs.get("past_key_values"), kwargs.get("input_ids")
+        past, ids = passed_cache(kwargs), kwargs.get("input_ids")
         if past is None or ids is None:
             return None
         return int(past.get_seq_length()), ids.shape[1], ids.shape[0]

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from rlhf_zoo.accel import cached_weight_casts
+from rlhf_zoo.ops.kv_cache import cached_forward
 from rlhf_zoo.ops.logprobs import adjust_logits
 from rlhf_zoo.ops.masking import position_ids_from_mask
 
@@ -65,9 +66,8 @@ def sample(
     with cached_weight_casts(device.type):  # under autocast: cast the weights once, not every step
         cache = DynamicCache()
         attn = prompt_mask.long()
-        out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=position_ids_from_mask(attn),
-                    past_key_values=cache, use_cache=True)
-        next_logits = out.logits[:, -1]  # (B, V)
+        next_logits = cached_forward(model, input_ids=prompt_ids, attention_mask=attn,
+                                     position_ids=position_ids_from_mask(attn), cache=cache)[:, -1]  # (B, V)
         next_pos = attn.sum(-1, keepdim=True)  # (B, 1): position of the first response token
         ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
@@ -86,8 +86,7 @@ def sample(
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, mask[:, t : t + 1]], dim=1)
-            out = model(input_ids=ids[:, t : t + 1], attention_mask=attn, position_ids=next_pos,
-                        past_key_values=out.past_key_values, use_cache=True)
-            next_logits = out.logits[:, -1]
+            next_logits = cached_forward(model, input_ids=ids[:, t : t + 1], attention_mask=attn,
+                                         position_ids=next_pos, cache=cache)[:, -1]
             next_pos = next_pos + 1
     return Samples(ids, mask, logprobs, finished)
