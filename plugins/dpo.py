@@ -71,6 +71,8 @@ class DPOConfig(DatasetConfig):
                   "eval_samples": 1},
     }
 
+    kl_coefficient = "beta"
+
     beta: float | None = option(None, "KL coefficient beta (temperature of the implicit reward); default: the task's.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (SLiC).")
     label_smoothing: float = option(0.0, "cDPO: probability eps that a label is flipped (sigmoid loss only), in [0, 0.5).")
@@ -80,8 +82,9 @@ class DPOConfig(DatasetConfig):
     learning_rate: float = option(3e-4, "Peak learning rate (AdamW, no weight decay; warmup, then linear decay to 0).")
     rpo_alpha: float = option(0.0, "RPO: weight of the chosen responses' mean token NLL added to the loss (0: pure DPO).")
     warmup_steps: int = option(10, "Linear learning-rate warmup steps.")
-    dataset: str = option("", "Path of a preference dataset (.jsonl, .json, .parquet, saved dir; rows prompt/chosen/rejected, "
-                              "prompt/responses or Anthropic HH chosen/rejected text); empty: the task's pairs.")
+    dataset: str = option("", "A preference dataset (.jsonl, .json, .parquet, saved dir, or a Hub id org/name[@split]; rows "
+                              "prompt/chosen/rejected, prompt/responses, conversational message lists (explicit or "
+                              "implicit prompt) or Anthropic HH chosen/rejected text); empty: the task's pairs.")
     max_pairs: int = option(0, "Use the first max_pairs pairs (0: all).")
     micro_batch_size: int = option(0, "Pairs per forward/backward, gradients accumulated over a step's "
                                       "micro-batches (0: a rank's whole share of the batch at once).")

@@ -11,7 +11,8 @@ Implementation details:
      ``temperature``; the environment scores (RM, minus the missing-EOS penalty) and gives reference
      log-probs at the same temperature. Per-token rewards are `rlhf_zoo.ops.per_token_rewards` with the
      current KL coefficient: -beta * kl_t on every token, the score added on the last real token.
-  2. The critic is a separate model initialised from the reward model (InstructGPT sec. 3.5); its
+  2. The critic is a separate model initialised from the reward model (InstructGPT sec. 3.5; on a user's
+     setup from the policy with a new head when no reward model reads the policy's tokens); its
      scalar head is read at every position (`rlhf_zoo.models.token_values`). A separate critic keeps
      value regression from disturbing the policy trunk, and a tiny model makes it cheap.
   3. GAE(gamma, lambda) over response tokens (the end of the response is terminal), advantages
@@ -38,7 +39,7 @@ import torch
 from rlhf_zoo.config import AlgoConfig, check_positive, check_range, option
 from rlhf_zoo.distributed import SINGLE, Dist
 from rlhf_zoo.hookspecs import hookimpl
-from rlhf_zoo.models import load_reward_model, token_values
+from rlhf_zoo.models import token_values
 from rlhf_zoo.ops import masked_mean, masked_sum, per_token_rewards, response_logprobs
 from rlhf_zoo.ops.advantages import gae, whiten
 from rlhf_zoo.ops.kl_control import AdaptiveKLController, FixedKLController
@@ -56,6 +57,7 @@ class PPOConfig(AlgoConfig):
     presets = {"quick": {"iterations": 40, "eval_prompts": 64},
                "smoke": {"iterations": 2, "batch_prompts": 8, "minibatches": 2, "epochs": 1, "eval_prompts": 2,
                          "eval_samples": 1}}
+    kl_coefficient = "beta"
 
     iterations: int = option(300, "Rollout-and-update iterations.")
     batch_prompts: int = option(64, "Prompts (episodes) per rollout.")
@@ -104,10 +106,10 @@ class PretrainBatches:
     the same batch (the same stream) and trains on its shard of the rows."""
 
     def __init__(self, task, batch_size: int, seed: int, device: torch.device) -> None:
-        tok = task.tokenizer
-        self.rows = [lm_row([tok.bos_token_id], [*tok.encode(t, add_special_tokens=False), tok.eos_token_id])
-                     for t in task.dataset("pretrain")["text"]]
-        self.pad, self.batch_size, self.device = tok.pad_token_id, batch_size, device
+        texts = task.dataset("pretrain")["text"]  # the task's corpus, or a user's --ptx-dataset
+        start = task.prompt_token_ids([""])[0]  # BOS where the tokenizer adds one
+        self.rows = [lm_row(start, ids) for ids in task.response_token_ids(texts)]
+        self.pad, self.batch_size, self.device = task.pad_token_id, batch_size, device
         self.generator = torch.Generator().manual_seed(seed)
 
     def next(self, dist: Dist = SINGLE) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -178,7 +180,7 @@ def update(ctx, cfg: PPOConfig, policy, critic, opt, critic_opt, r: Rollout, rew
 
 def train(ctx, cfg: PPOConfig) -> ModelPolicy:
     task, policy = ctx.task, ctx.policy
-    critic = load_reward_model(task.path / task.reward_models[0], ctx.device)
+    critic, _ = task.load_critic(ctx.device, policy)  # where it starts: the world's describe() in config.json
     lo, hi = ctx.dist.bounds(cfg.batch_prompts)  # this rank's rollout rows
     env = ctx.make_env(hi - lo, kl_estimator=cfg.kl_estimator)
     kl_ctl = (AdaptiveKLController(ctx.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl

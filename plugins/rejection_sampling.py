@@ -104,6 +104,8 @@ def train(ctx, cfg: RejectionSamplingConfig) -> ModelPolicy:
     n_available = len(task.prompts("train"))
     env = ctx.make_env(cfg.prompts_per_round * cfg.k, split="train")
     kept = KeptRows()
+    # restart mode resets to the starting policy (not the reference, which a user may have chosen apart)
+    start = {k: v.detach().clone() for k, v in policy.state_dict().items()} if cfg.mode == "restart" else None
     ctx.track("prompt_rng", rng)
     ctx.track("kept_rows", kept)
 
@@ -120,7 +122,7 @@ def train(ctx, cfg: RejectionSamplingConfig) -> ModelPolicy:
         kept.rows = [*kept.rows, *rows] if cfg.mode == "restart" else rows
         # 3) fine-tune with the SFT loss on the kept responses (from SFT on all of them in restart mode)
         if cfg.mode == "restart":
-            policy.load_state_dict(ctx.reference.state_dict())
+            policy.load_state_dict(start)
         steps = math.ceil(cfg.epochs * len(kept.rows) / cfg.batch_size)
         with ctx.phase("train"):
             losses = train_lm(policy, kept.rows, pad_id=task.pad_token_id, steps=steps, batch_size=cfg.batch_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rlhf_zoo.adapters import is_peft
 from rlhf_zoo.config import DatasetConfig, check_positive, option
 from rlhf_zoo.data import load_rankings
 from rlhf_zoo.errors import ConfigError, DataError
@@ -31,9 +32,9 @@ class RewardModelConfig(DatasetConfig):
     learning_rate: float = option(1e-3, "Peak learning rate.")
     use_margin: bool = option(False, "Subtract the Llama 2 margin of each pair's preference strength.")
     reward_model: str = option("", "Which of the task's reward models to train (hh: helpful or safety; empty: the first).")
-    dataset: str = option("", "Path of a ranking dataset (.jsonl, .json, .parquet, saved dir; rows prompt/chosen/rejected, "
-                              "prompt/responses with the same K in every row, or Anthropic HH chosen/rejected text); "
-                              "empty: the task's rankings.")
+    dataset: str = option("", "A ranking dataset (.jsonl, .json, .parquet, saved dir, or a Hub id org/name[@split]; rows "
+                              "prompt/chosen/rejected, prompt/responses with the same K in every row, conversational "
+                              "message lists, or Anthropic HH chosen/rejected text); empty: the task's rankings.")
     heldout_fraction: float = option(0.1, "Fraction of a user dataset held out for the accuracy figure.")
 
     def __post_init__(self) -> None:
@@ -43,16 +44,17 @@ class RewardModelConfig(DatasetConfig):
             raise ConfigError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
 
-def _rows(tok, prompts, responses, margins) -> list[RankingRow]:
-    def enc(text: str) -> list[int]:
-        return tok.encode(text, add_special_tokens=False)
-
-    return [RankingRow([tok.bos_token_id, *enc(p)], [[*enc(r), tok.eos_token_id] for r in rs], list(m))
-            for p, rs, m in zip(prompts, responses, margins, strict=True)]
+def _rows(task, prompts, responses, margins) -> list[RankingRow]:
+    """Prompt ids (BOS by the world's convention) and each response's ids with EOS."""
+    prompt_ids = task.prompt_token_ids(list(prompts))
+    return [RankingRow(p, task.response_token_ids(list(rs)), list(m))
+            for p, rs, m in zip(prompt_ids, responses, margins, strict=True)]
 
 
 def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
     task, tok = ctx.task, ctx.task.tokenizer
+    if is_peft(ctx.policy):
+        raise ConfigError("reward-model trains the whole model from the policy's trunk; --lora-r does not apply to it")
     name = cfg.reward_model or task.reward_models[0]
     if name not in task.reward_models:
         raise ConfigError(f"reward_model {name!r} is not one of task {task.name!r}'s: {', '.join(task.reward_models)}")
@@ -65,12 +67,12 @@ def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
                             "(one or more held out for the accuracy figure)")
         data_metrics = report.metrics()
         n_held = max(1, int(len(rankings) * cfg.heldout_fraction))
-        rows = _rows(tok, [r.prompt for r in rankings], [r.responses for r in rankings], [r.margins for r in rankings])
+        rows = _rows(task, [r.prompt for r in rankings], [r.responses for r in rankings], [r.margins for r in rankings])
         train_rows, held_rows = rows[:-n_held], rows[-n_held:]
     else:
         tr, held = task.dataset(f"rankings_{name}"), task.dataset(f"heldout_{name}")
-        train_rows = _rows(tok, tr["prompt"], tr["responses"], tr["margins"])
-        held_rows = _rows(tok, held["prompt"], held["responses"], held["margins"])
+        train_rows = _rows(task, tr["prompt"], tr["responses"], tr["margins"])
+        held_rows = _rows(task, held["prompt"], held["responses"], held["margins"])
         gold = held["gold"]
     # 2) model: SFT trunk, zero head
     model = reward_model_from_policy(ctx.policy)

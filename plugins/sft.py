@@ -13,7 +13,6 @@ from typing import Literal
 from rlhf_zoo.config import DatasetConfig, check_positive, option
 from rlhf_zoo.data import load_sft
 from rlhf_zoo.hookspecs import hookimpl
-from rlhf_zoo.models import load_policy
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.training import lm_row, train_lm
@@ -27,8 +26,10 @@ class SFTConfig(DatasetConfig):
     steps: int = option(300, "Optimizer steps.")
     batch_size: int = option(64, "Sequences per step.")
     learning_rate: float = option(1e-3, "Peak learning rate (AdamW, warmup then cosine decay).")
-    start_from: Literal["pretrained", "sft"] = option("pretrained", "Initial weights: the task's pretrained model or its SFT policy.")
-    dataset: str = option("", "Path of a prompt/completion dataset (.jsonl, .json, .parquet, saved dir); empty: the task's demonstrations.")
+    start_from: Literal["pretrained", "sft"] = option("pretrained", "Initial weights: the task's pretrained model or its SFT "
+                                                                    "policy (on your own model both mean --model).")
+    dataset: str = option("", "A prompt/completion or conversational messages dataset (.jsonl, .json, .parquet, saved "
+                              "dir, or a Hub id org/name[@split]); empty: the task's demonstrations.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -36,7 +37,7 @@ class SFTConfig(DatasetConfig):
 
 
 def train(ctx, cfg: SFTConfig) -> ModelPolicy:
-    task, tok = ctx.task, ctx.task.tokenizer
+    task = ctx.task
     # 1) data: demonstrations as (prompt, completion) text pairs
     data_metrics = {}
     if cfg.dataset:  # validated (rlhf_zoo.data); the report goes to summary.json
@@ -45,14 +46,15 @@ def train(ctx, cfg: SFTConfig) -> ModelPolicy:
     else:
         ds = task.dataset("sft")
         pairs = list(zip(ds["prompt"], ds["completion"], strict=True))
-    rows = [lm_row([tok.bos_token_id, *tok.encode(p, add_special_tokens=False)],
-                   [*tok.encode(c, add_special_tokens=False), tok.eos_token_id]) for p, c in pairs]
-    # 2) model
-    model = ctx.policy if cfg.start_from == "sft" else load_policy(task.path / "pretrained", ctx.device)
+    prompt_ids = task.prompt_token_ids([p for p, _ in pairs])
+    completion_ids = task.response_token_ids([c for _, c in pairs])
+    rows = [lm_row(p, c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    # 2) model (a user's own --model is both: it is where SFT starts)
+    model = task.load_pretrained(ctx.device) if cfg.start_from == "pretrained" and task.has_pretrained else ctx.policy
     # 3) train, loss on completions only
     ctx.policy = model
     with ctx.phase("train"):
-        train_lm(model, rows, pad_id=tok.pad_token_id, steps=cfg.steps, batch_size=cfg.batch_size,
+        train_lm(model, rows, pad_id=task.pad_token_id, steps=cfg.steps, batch_size=cfg.batch_size,
                  lr=cfg.learning_rate, seed=ctx.seed, desc="sft", suppress_ids=task.suppress_ids,
                  progress=ctx.show_progress, on_step=ctx.step_logger(), ctx=ctx)
     return ModelPolicy(model, metrics=data_metrics)

@@ -25,6 +25,10 @@ app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offlin
 
 RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
                "resume", "nproc", "config", "quiet")
+#: run options of a run on the user's own model (`rlhf_zoo.runner.SETUP_KEYS`)
+SETUP_OPTIONS = ("model", "tokenizer", "ref_model", "reward", "reward_weights", "gold", "prompts", "ptx_dataset",
+                 "chat_template", "eval_fraction", "dtype", "attn_implementation", "trust_remote_code",
+                 "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 _ARGV: list[str] = []  # the command line as given, for relaunching under torch's elastic launcher
 
 
@@ -164,7 +168,7 @@ def _algorithm_command(name: str) -> click.Command:
     algo = get_registry().algorithm(name)
     hints = typing.get_type_hints(algo.config_cls)
     params: list[click.Parameter] = [
-        click.Option(["--task"], default="sentiment", show_default=True, help="Task to run on."),
+        click.Option(["--task"], default=None, help="Built-in task to run on [default: sentiment]; or give --model."),
         click.Option(["--seed"], type=int, default=0, show_default=True, help="Run seed."),
         click.Option(["--out"], type=click.Path(path_type=Path), default=None, help="Run directory [runs/ALGO-TASK-sSEED]."),
         click.Option(["--preset"], default=None, help=f"Preset: default, {', '.join(sorted(algo.config_cls.presets))}."),
@@ -183,8 +187,9 @@ def _algorithm_command(name: str) -> click.Command:
                      help="Data-parallel processes on this machine, launched by torch.distributed.run "
                           "(gloo on CPU, NCCL on GPUs)."),
     ]
+    params += _setup_params()
     for f in dataclasses.fields(algo.config_cls):
-        if f.name in RUN_OPTIONS:
+        if f.name in RUN_OPTIONS or f.name in SETUP_OPTIONS:
             raise ConfigError(f"algorithm {name!r}: config field {f.name!r} clashes with a zoo run option")
         ctype, is_flag = _click_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
@@ -199,6 +204,8 @@ def _algorithm_command(name: str) -> click.Command:
         from rlhf_zoo.runner import run
 
         common = {k: kwargs.pop(k) for k in RUN_OPTIONS}
+        setup = {k: kwargs.pop(k) for k in SETUP_OPTIONS}
+        setup["reward_weights"] = _weights(setup["reward_weights"])
         if common["nproc"] > 1 and "WORLD_SIZE" not in os.environ:
             if not algo.data_parallel:
                 raise ConfigError(f"algorithm {name!r} does not shard its batches over processes; run it "
@@ -206,17 +213,69 @@ def _algorithm_command(name: str) -> click.Command:
             raise typer.Exit(_launch(common["nproc"]))
         options = read_json_object(common["config"], "config file", "a JSON object of config values") if common["config"] else {}
         options.update({k: v for k, v in kwargs.items() if v is not None})
-        out = common["out"] or Path("runs") / f"{name}-{common['task']}-s{common['seed']}"
+        world = Path(str(setup["model"]).rstrip("/")).name if setup["model"] else (common["task"] or "sentiment")
+        out = common["out"] or Path("runs") / f"{name}-{world}-s{common['seed']}"
         summary = run(name, task=common["task"], seed=common["seed"], out=out, device=common["device"],
                       preset=common["preset"], options=options, task_seed=common["task_seed"],
                       checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
-                      resume=common["resume"], progress=not common["quiet"])
+                      resume=common["resume"], progress=not common["quiet"], setup=setup)
         if "rank" not in summary:  # the other ranks of a data-parallel run print nothing
             _print_summary(summary, out)
 
     doc = (algo.config_cls.__doc__ or "").strip().splitlines()
     return click.Command(name, params=params, callback=callback,
                          help=algo.description + ("\n\n" + doc[0] if doc and not doc[0].startswith(algo.config_cls.__name__) else ""))
+
+
+def _setup_params() -> list[click.Parameter]:
+    """The options of a run on the user's own model (docs/your-own-model.md)."""
+    def opt(name: str, help: str, **kw: Any) -> click.Option:
+        return click.Option([name], help=help, **kw)
+
+    return [
+        opt("--model", "Your own policy to start from: a directory or Hugging Face Hub id of any causal LM (also the "
+                       "reference unless --ref-model). Replaces --task.", default=None),
+        opt("--tokenizer", "Tokenizer directory or hub id [default: the --model's].", default=None),
+        opt("--ref-model", "Reference policy for the KL term [default: the --model].", default=None),
+        opt("--reward", "A reward (repeatable, summed): a reward-model directory or hub id, a registered reward "
+                        "function (zoo list), or module:function f(prompts, completions, **kwargs) -> list[float].",
+            multiple=True, default=()),
+        opt("--reward-weights", "Comma-separated weights of the --reward terms, in order [default: 1 each].",
+            default=None),
+        opt("--gold", "A held-out evaluator (same forms as --reward), never optimised: summary.json's gold_reward.",
+            default=None),
+        opt("--prompts", "Prompt-only rows {\"prompt\": text or messages} (.jsonl, .json, .parquet, saved dir, "
+                         "hub id) for the online algorithms and the evaluation.", default=None),
+        opt("--eval-fraction", "Share of the --prompts held out for evaluation (at least one prompt).",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, show_default="0.1"),
+        opt("--ptx-dataset", "Text rows {\"text\"} for ppo-ptx's pretraining term on your own model.", default=None),
+        opt("--chat-template", "A Jinja chat-template file that replaces the tokenizer's.",
+            type=click.Path(exists=True, dir_okay=False), default=None),
+        opt("--dtype", "dtype of the frozen models (reference, reward models); trained ones stay fp32 "
+                       "[auto: bf16 on a CUDA GPU with bf16, else fp32].",
+            type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default=None),
+        opt("--attn-implementation", "Attention kernels [default: sdpa where the architecture has it].",
+            type=click.Choice(["sdpa", "eager"]), default=None),
+        click.Option(["--trust-remote-code"], is_flag=True, default=None,
+                     help="Run code shipped with the model repository (off unless given)."),
+        click.Option(["--gradient-checkpointing"], is_flag=True, default=None,
+                     help="Recompute activations in the backward pass (less memory, more time)."),
+        opt("--lora-r", "LoRA rank (0: train every weight); needs pip install 'rlhf-zoo[peft]'.",
+            type=click.IntRange(min=0), default=None),
+        opt("--lora-alpha", "LoRA alpha [default: 2 x r].", type=float, default=None),
+        opt("--lora-dropout", "LoRA dropout [default: 0].", type=click.FloatRange(0, 1, max_open=True), default=None),
+        opt("--lora-target-modules", "Comma-separated module names the adapters go on [default: all-linear].",
+            default=None),
+    ]
+
+
+def _weights(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--reward-weights {text!r}: expected comma-separated numbers, e.g. 1,0.5") from None
 
 
 def _launch(nproc: int) -> int:
@@ -238,8 +297,9 @@ def _launch(nproc: int) -> int:
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
-    keys = ["gold_reward", "baseline_gold_reward", "proxy_reward", "kl_to_ref", "kl_to_optimum",
-            "frontier_efficiency", "heldout_gold_accuracy", "wall_seconds"]
+    keys = ["gold_reward", "baseline_gold_reward", "proxy_reward", "baseline_proxy_reward", "win_rate_vs_reference",
+            "kl_to_ref", "kl_to_optimum", "frontier_efficiency", "heldout_gold_accuracy", "heldout_label_accuracy",
+            "wall_seconds"]
     shown = "  ".join(f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))
     typer.echo(f"{summary['algorithm']} on {summary['task']} (seed {summary['seed']}): {shown}")
     typer.echo(f"run directory: {out}")

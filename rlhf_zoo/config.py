@@ -28,6 +28,10 @@ class AlgoConfig:
     """Fields every algorithm has. Algorithms add their own in a subclass."""
 
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: the name of the field that holds the KL coefficient beta of the RLHF objective (PPO's penalty,
+    #: DPO's beta), or None when the algorithm has none. Only the declared field sets the environment's
+    #: KL penalty and the evaluation's pi*_beta; a field that merely happens to be called ``beta`` does not.
+    kl_coefficient: ClassVar[str | None] = None
 
     eval_prompts: int = option(64, "Held-out prompts used for the final evaluation.")
     eval_samples: int = option(4, "Responses sampled per evaluation prompt.")
@@ -59,6 +63,10 @@ class AlgoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def kl_coefficient_value(self) -> float | None:
+        """The declared KL coefficient's value (None: not declared, or unset: the world's default)."""
+        return None if self.kl_coefficient is None else getattr(self, self.kl_coefficient)
 
 
 @dataclass(frozen=True)

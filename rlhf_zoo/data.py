@@ -5,10 +5,20 @@ objects), ``.parquet``, or a directory saved by ``datasets.Dataset.save_to_disk`
 from 1 in file order). Row formats (other keys are ignored):
 
   sft       {"prompt": str, "completion": str}
+            {"messages": [{"role", "content"}, ...]}  conversational: the last message (the assistant's) is
+                the completion, the messages before it the prompt
   ranking   {"prompt": str, "chosen": str, "rejected": str, "margin"?: number}
             {"prompt": str, "responses": [str, ...] (best first), "margins"?: [number] * C(K,2)}
             {"chosen": str, "rejected": str}  Anthropic HH text: two dialogues that share everything up
                 to and including their last "\\n\\nAssistant:" (the prompt); the rest is the response
+  prompts   {"prompt": str}  prompt-only rows for the online algorithms (``--prompts``)
+
+Conversational rows (TRL's formats): a ``prompt`` may be a list of ``{"role", "content"}`` messages, a
+``completion``, ``chosen``, ``rejected`` or ``responses`` entry a list holding the assistant's message;
+``chosen``/``rejected`` message lists without a ``prompt`` key are implicit-prompt pairs (the messages they
+share before their last one are the prompt). A conversational prompt becomes text through the world's
+chat template with the generation prompt added (`rlhf_zoo.world.World.render_messages`); a response is
+the assistant message's content.
 
 The ranking format is detected per file: a file where no row has chosen, rejected or responses is
 refused with the accepted formats; rows with a ``prompt`` (or ``responses``) key anywhere in the file
@@ -35,6 +45,7 @@ import logging
 import math
 import numbers
 from collections import Counter
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import comb
@@ -49,7 +60,8 @@ HH_MARKER = "\n\nAssistant:"
 _HH = repr(HH_MARKER).replace("'", "")  # the marker as written in a message: \n\nAssistant:
 RANKING_FORMATS = ("prompt/chosen/rejected[/margin], prompt/responses[/margins] (best first) or Anthropic HH "
                    "chosen/rejected text")
-SFT_FORMATS = "prompt/completion"
+SFT_FORMATS = "prompt/completion or messages (conversational)"
+PROMPT_FORMATS = "prompt (a string or a list of {role, content} messages)"
 #: reasons a row is dropped, as counted in `DataReport.dropped`
 REASONS = ("invalid_json", "not_an_object", "missing_key", "wrong_type", "empty", "identical", "wrong_length",
            "hh_format", "unknown_token", "k_mismatch", "too_long")
@@ -147,9 +159,13 @@ class _Unreadable:
 def read_rows(path: str | Path) -> list[tuple[int, Any]]:
     """(row number as in the file, row) for every row; a .jsonl line that is not JSON becomes a bad row
     (reason ``invalid_json``), a file that cannot be read at all raises `DataError`."""
-    path = Path(path)
+    given, path = str(path), Path(path)
     if not path.exists():
-        raise DataError(f"dataset {str(path)!r} does not exist")
+        hub_id, _, split = given.partition("@")
+        if _hub_like(hub_id):
+            return _numbered(_read_hub(hub_id, split or "train"))
+        raise DataError(f"dataset {given!r} does not exist (not a file or directory, nor a Hugging Face Hub "
+                        "dataset id such as org/name[@split])")
     suffix = path.suffix.lower()
     if path.is_dir():
         return _numbered(_read_saved(path))
@@ -201,6 +217,27 @@ def read_records(path: str | Path) -> list[Any]:
         if isinstance(r, _Unreadable):
             raise DataError(f"{_name(path)} row {n}: {r.message}")
     return [r for _, r in rows]
+
+
+def _hub_like(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts) \
+        and not Path(source).suffix
+
+
+def _read_hub(hub_id: str, split: str) -> list[Any]:
+    """A Hub dataset's split (``org/name@split``, train by default), from the local cache when offline."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: one line naming the id
+        from rlhf_zoo.sources import offline
+
+        why = "the machine is offline (HF_HUB_OFFLINE is set) and it is not in the local cache" if offline() \
+            else "it could not be loaded"
+        raise DataError(f"dataset {hub_id!r} (split {split!r}): not a local path, and {why} ({_first_line(e)})") from None
+    return list(ds)
 
 
 def _name(path: str | Path) -> str:
@@ -283,17 +320,78 @@ class _Item:
     prompt_key: str
     response_keys: list[str]
     truncated: set[str] = field(default_factory=set)
+    original: Any = None  # a prompt-only row: the prompt as given
 
 
-def _prompt_row(n: int, row: Any) -> _Item:
+Render = Any  # (messages, add_generation_prompt) -> str: a world's `render_messages`
+
+
+def _messages(value: Any, key: str) -> list[dict[str, str]]:
+    """A list of {role, content} messages, checked."""
+    if not value:
+        raise _Bad("empty", f"key {key!r} is an empty list of messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _Bad("wrong_type", f"key {key!r}[{i}] must be a message {{'role': str, 'content': str}}, got "
+                                     f"{str(m)[:80]}")
+    return value
+
+
+def _prompt_text(row: dict[str, Any], key: str, render: Render) -> str:
+    """A prompt: a string, or messages through the chat template (generation prompt added)."""
+    value = row.get(key)
+    if isinstance(value, list):
+        if render is None:
+            raise _Bad("wrong_type", f"key {key!r} is a list of messages; conversational rows need a world with a "
+                                     "chat template")
+        return render(_messages(value, key), True)
+    return _text(row, key)
+
+
+def _assistant_text(value: Any, key: str) -> str:
+    """A response given as a list of messages: the last one, which must be the assistant's."""
+    last = _messages(value, key)[-1]
+    if last["role"] != "assistant":
+        raise _Bad("wrong_type", f"key {key!r}: the last message must be the assistant's, got role {last['role']!r}")
+    if not last["content"].strip():
+        raise _Bad("empty", f"key {key!r}: the assistant message is empty")
+    return last["content"]
+
+
+def _response_text(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    return _assistant_text(value, key) if isinstance(value, list) else _text(row, key)
+
+
+def _implicit_row(n: int, row: Any, render: Render = None) -> _Item:
+    """chosen/rejected message lists that share every message before their last (TRL's implicit prompt)."""
+    row = _object(row, "chosen and rejected message lists")
+    if not isinstance(row.get("chosen"), list) or not isinstance(row.get("rejected"), list):
+        raise _Bad("wrong_type", "keys 'chosen' and 'rejected' must both be message lists (implicit-prompt format)")
+    chosen, rejected = _messages(row["chosen"], "chosen"), _messages(row["rejected"], "rejected")
+    if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+        raise _Bad("wrong_type", "keys 'chosen' and 'rejected' must share the messages before their last one (the "
+                                 "prompt) and have at least one")
+    if render is None:
+        raise _Bad("wrong_type", "conversational rows need a world with a chat template")
+    responses = [_assistant_text(chosen, "chosen"), _assistant_text(rejected, "rejected")]
+    if responses[0] == responses[1]:
+        raise _Bad("identical", "keys 'chosen' and 'rejected' are identical")
+    margin = _number(row["margin"], "key 'margin'") if _present(row, "margin") else 0.0
+    return _Item(n, Ranking(render(chosen[:-1], True), responses, [margin]), "chosen", ["chosen", "rejected"])
+
+
+def _prompt_row(n: int, row: Any, render: Render = None) -> _Item:
     row = _object(row, "prompt and chosen/rejected or responses")
-    prompt = _text(row, "prompt")
+    prompt = _prompt_text(row, "prompt", render)
     if _present(row, "responses"):
         responses = row["responses"]
         if not isinstance(responses, list):
             raise _Bad("wrong_type", f"key 'responses' must be a list of strings, got {_type(responses)}")
         if len(responses) < 2:
             raise _Bad("wrong_length", f"key 'responses' must hold at least 2 responses, got {len(responses)}")
+        responses = [_assistant_text(r, f"responses[{i}]") if isinstance(r, list) else r
+                     for i, r in enumerate(responses)]
         for i, resp in enumerate(responses):
             if not isinstance(resp, str):
                 raise _Bad("wrong_type", f"key 'responses'[{i}] must be a string, got {_type(resp)}")
@@ -315,14 +413,14 @@ def _prompt_row(n: int, row: Any) -> _Item:
             margins = [_number(m, f"key 'margins'[{i}]") for i, m in enumerate(row["margins"])]
         keys = [f"responses[{i}]" for i in range(len(responses))]
         return _Item(n, Ranking(prompt, list(responses), margins), "prompt", keys)
-    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    chosen, rejected = _response_text(row, "chosen"), _response_text(row, "rejected")
     if chosen == rejected:
         raise _Bad("identical", "keys 'chosen' and 'rejected' are identical")
     margin = _number(row["margin"], "key 'margin'") if _present(row, "margin") else 0.0
     return _Item(n, Ranking(prompt, [chosen, rejected], [margin]), "prompt", ["chosen", "rejected"])
 
 
-def _hh_row(n: int, row: Any) -> _Item:
+def _hh_row(n: int, row: Any, render: Render = None) -> _Item:
     row = _object(row, "chosen and rejected (Anthropic HH text)")
     chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
     if chosen == rejected:
@@ -344,22 +442,40 @@ def _hh_row(n: int, row: Any) -> _Item:
     return _Item(n, Ranking(prompt, responses, [0.0]), "chosen", ["chosen", "rejected"])
 
 
-def _sft_row(n: int, row: Any) -> _Item:
-    row = _object(row, "prompt and completion")
-    prompt, completion = _text(row, "prompt"), _text(row, "completion")
+def _sft_row(n: int, row: Any, render: Render = None) -> _Item:
+    row = _object(row, "prompt and completion, or messages")
+    if _present(row, "messages") and not _present(row, "completion"):
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            raise _Bad("wrong_type", f"key 'messages' must be a list of messages, got {_type(messages)}")
+        messages = _messages(messages, "messages")
+        if len(messages) < 2:
+            raise _Bad("wrong_length", "key 'messages' needs a prompt message and the assistant's reply")
+        if render is None:
+            raise _Bad("wrong_type", "conversational rows need a world with a chat template")
+        completion = _assistant_text(messages, "messages")
+        return _Item(n, Ranking(render(messages[:-1], True), [completion], []), "messages", ["messages"])
+    prompt, completion = _prompt_text(row, "prompt", render), _response_text(row, "completion")
     return _Item(n, Ranking(prompt, [completion], []), "prompt", ["completion"])
+
+
+def _prompt_only_row(n: int, row: Any, render: Render = None) -> _Item:
+    row = _object(row, "prompt")
+    value = row.get("prompt")
+    prompt = _prompt_text(row, "prompt", render)
+    item = _Item(n, Ranking(prompt, [], []), "prompt", [])
+    item.original = value  # the prompt as given (text or messages), for rewards
+    return item
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
 def length_caps(task: Any, max_new_tokens: int) -> LengthCaps:
     """The caps of a run: a response may take ``max_new_tokens`` tokens (a response of exactly that many
     loses only its EOS, like a sampled response that reaches the cap); a prompt may take the policy's
-    ``max_position_embeddings`` minus BOS and ``max_new_tokens`` (no prompt cap when the task's SFT policy
-    config cannot be read)."""
-    try:
-        cfg = json.loads((Path(task.path) / "sft" / "config.json").read_text())
-        context = int(cfg["max_position_embeddings"])
-    except (AttributeError, OSError, KeyError, TypeError, ValueError):
+    context length (`rlhf_zoo.world.World.max_positions`) minus BOS and ``max_new_tokens`` (no prompt cap
+    when the world does not know it)."""
+    context = getattr(task, "max_positions", None)
+    if not context:
         return LengthCaps(None, max_new_tokens)
     prompt = context - 1 - max_new_tokens
     return LengthCaps(prompt if prompt > 0 else None, max_new_tokens)
@@ -393,7 +509,7 @@ def _check_tokens(items: list[_Item], tokenizer: Any, caps: LengthCaps, long_row
                 if unk is not None and unk in rids:
                     words = [w for w in text.split() if unk in tokenizer.encode(w, add_special_tokens=False)]
                     shown = ", ".join(repr(w) for w in words[:3]) or "some"
-                    raise _Bad("unknown_token", f"key {_key(key)} has words the task's tokenizer does not know "
+                    raise _Bad("unknown_token", f"key {_key(key)} has words the tokenizer does not know "
                                                 f"({shown}); the policy can never generate them")
             long = []
             if caps.prompt is not None and len(p_ids) > caps.prompt:
@@ -507,10 +623,14 @@ def _ranking_format(rows: Sequence[tuple[int, Any]], source: str) -> tuple[Any, 
     if not any(_present(r, k) for r in dicts for k in ("chosen", "rejected", "responses")):
         raise DataError(f"{source}: no row has the keys of a ranking format{_first_keys(rows)}; accepted: "
                         f"{RANKING_FORMATS}")
+    conversational = " (conversational)" if any(isinstance(v, list) and v and isinstance(v[0], dict)
+                                                 for r in dicts for v in r.values()) else ""
     if any(_present(r, "prompt") or _present(r, "responses") for r in dicts):
         kinds = {"prompt/responses" if _present(r, "responses") else "prompt/chosen/rejected"
                  for r in dicts if _present(r, "prompt")}
-        return _prompt_row, "+".join(sorted(kinds)) or "prompt/chosen/rejected"
+        return _prompt_row, ("+".join(sorted(kinds)) or "prompt/chosen/rejected") + conversational
+    if any(isinstance(r.get("chosen"), list) for r in dicts):
+        return _implicit_row, "chosen/rejected (conversational, implicit prompt)"
     return _hh_row, "anthropic-hh"
 
 
@@ -523,7 +643,7 @@ def _first_keys(rows: Sequence[tuple[int, Any]]) -> str:
 
 def validate_rankings(
     rows: Sequence[tuple[int, Any]], options: RowOptions = RowPolicy(), *, source: str = "dataset",
-    tokenizer: Any = None, caps: LengthCaps | None = None, same_k: bool = False,
+    tokenizer: Any = None, caps: LengthCaps | None = None, same_k: bool = False, render: Render = None,
 ) -> tuple[list[Ranking], DataReport]:
     """Rankings from numbered rows (see `read_rows`, `numbered`) in any ranking format.
 
@@ -533,39 +653,70 @@ def validate_rankings(
     if not rows:
         raise DataError(f"{source}: the dataset has no rows")
     parse, fmt = _ranking_format(rows, source)
-    items, report = _validate(rows, parse, options, source, tokenizer, caps, same_k, fmt)
+    items, report = _validate(rows, partial(parse, render=render), options, source, tokenizer, caps, same_k, fmt)
     return [it.ranking for it in items], report
 
 
 def validate_sft(
     rows: Sequence[tuple[int, Any]], options: RowOptions = RowPolicy(), *, source: str = "dataset",
-    tokenizer: Any = None, caps: LengthCaps | None = None,
+    tokenizer: Any = None, caps: LengthCaps | None = None, render: Render = None,
 ) -> tuple[list[tuple[str, str]], DataReport]:
     """(prompt, completion) pairs from numbered rows; like `validate_rankings`."""
     if not rows:
         raise DataError(f"{source}: the dataset has no rows")
-    if not any(isinstance(r, dict) and _present(r, "completion") for _, r in rows):
+    if not any(isinstance(r, dict) and (_present(r, "completion") or _present(r, "messages")) for _, r in rows):
         raise DataError(f"{source}: no row has the keys of an SFT format{_first_keys(rows)}; accepted: {SFT_FORMATS}")
-    items, report = _validate(rows, _sft_row, options, source, tokenizer, caps, False, SFT_FORMATS)
+    fmt = "messages" if any(isinstance(r, dict) and _present(r, "messages") for _, r in rows) else "prompt/completion"
+    items, report = _validate(rows, partial(_sft_row, render=render), options, source, tokenizer, caps, False, fmt)
     return [(it.ranking.prompt, it.ranking.responses[0]) for it in items], report
+
+
+def validate_prompts(
+    rows: Sequence[tuple[int, Any]], options: RowOptions = RowPolicy(), *, source: str = "prompts",
+    tokenizer: Any = None, caps: LengthCaps | None = None, render: Render = None,
+) -> tuple[list[tuple[str, Any]], DataReport]:
+    """(prompt text, prompt as given) of prompt-only rows; like `validate_rankings`."""
+    if not rows:
+        raise DataError(f"{source}: the dataset has no rows")
+    if not any(isinstance(r, dict) and _present(r, "prompt") for _, r in rows):
+        raise DataError(f"{source}: no row has the keys of a prompt file{_first_keys(rows)}; accepted: {PROMPT_FORMATS}")
+    items, report = _validate(rows, partial(_prompt_only_row, render=render), options, source, tokenizer, caps,
+                              False, "prompt")
+    return [(it.ranking.prompt, it.original if "prompt" not in it.truncated else it.ranking.prompt)
+            for it in items], report
 
 
 def load_rankings(path: str | Path, options: RowOptions, task: Any, max_new_tokens: int,
                   same_k: bool = False) -> tuple[list[Ranking], DataReport]:
-    """Read and validate a ranking file with the task's tokenizer and the run's length caps."""
+    """Read and validate a ranking file (a path or a Hub dataset id) with the world's tokenizer, chat
+    template and the run's length caps."""
     out = validate_rankings(read_rows(path), options, source=_name(path), tokenizer=task.tokenizer,
-                            caps=length_caps(task, max_new_tokens), same_k=same_k)
+                            caps=length_caps(task, max_new_tokens), same_k=same_k, render=_render(task))
     out[1].path = str(path)
     return out
 
 
 def load_sft(path: str | Path, options: RowOptions, task: Any,
              max_new_tokens: int) -> tuple[list[tuple[str, str]], DataReport]:
-    """Read and validate a prompt/completion file with the task's tokenizer and the run's length caps."""
+    """Read and validate a prompt/completion (or messages) file with the world's tokenizer and the run's
+    length caps."""
     out = validate_sft(read_rows(path), options, source=_name(path), tokenizer=task.tokenizer,
-                       caps=length_caps(task, max_new_tokens))
+                       caps=length_caps(task, max_new_tokens), render=_render(task))
     out[1].path = str(path)
     return out
+
+
+def load_prompts(path: str | Path, options: RowOptions, task: Any,
+                 max_new_tokens: int) -> tuple[list[tuple[str, Any]], DataReport]:
+    """Read and validate a prompt-only file: (prompt text, prompt as given) per kept row."""
+    out = validate_prompts(read_rows(path), options, source=_name(path), tokenizer=task.tokenizer,
+                           caps=length_caps(task, max_new_tokens), render=_render(task))
+    out[1].path = str(path)
+    return out
+
+
+def _render(task: Any) -> Render:
+    return getattr(task, "render_messages", None)
 
 
 # --- without a tokenizer, raising at the first bad row ---------------------------------------------------

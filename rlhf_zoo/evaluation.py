@@ -1,10 +1,14 @@
 """Final evaluation of a policy on a task's held-out prompts.
 
 Reported (summary.json):
-  gold_reward     mean gold reward (the task's stand-in for human preference; never optimised)
-  proxy_reward    mean score of the reward the environment pays (the learned RM; gold on ``exact``)
+  gold_reward     mean gold reward (the task's stand-in for human preference, or a user's ``--gold``;
+                  never optimised); only where the world has a gold evaluator
+  proxy_reward    mean score of the reward the environment pays (the learned RM; gold on ``exact``; the
+                  weighted sum of a user's ``--reward`` terms, each term's mean in ``reward_terms``);
+                  only where the world has a reward
   kl_to_ref       KL(pi || pi_ref): the mean over samples of sum_t (log pi - log pi_ref), or a value
                   the policy knows (best-of-N's analytic form)
+  response_length mean response tokens (EOS included), ``eos_rate`` the share that ended with EOS
 On ``exact`` every figure is an exact expectation over all responses, and also:
   kl_to_optimum        KL(pi || pi*_beta), pi*_beta prop. to pi_ref exp(r / beta) (DPO paper, Eq. 4)
   frontier_efficiency  (R - R_ref) / (R*(KL) - R_ref): the share of the best reward gain reachable at
@@ -44,7 +48,14 @@ def evaluate(policy: Any, task: Any, *, reference: torch.nn.Module, reward_fn: A
     flat = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator(device=device).manual_seed(seed)
     p_ids, p_mask, s = policy.sample(task, flat, max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
-    scores = sequence_scores(reward_fn, task, p_ids, p_mask, s.response_ids, s.response_mask, missing_eos_penalty)
+    out: dict[str, Any] = {}
+    if reward_fn is not None:
+        scores = sequence_scores(reward_fn, task, p_ids, p_mask, s.response_ids, s.response_mask, missing_eos_penalty)
+        out["proxy_reward"] = float(scores.mean())
+        out["scores"] = scores.cpu().tolist()
+        terms = getattr(reward_fn, "last_terms", None)
+        if terms and len(terms) > 1:
+            out["reward_terms"] = {k: float(v.mean()) for k, v in terms.items()}
     kl = policy.kl_to_ref()
     if kl is None:
         ids = torch.cat([p_ids, s.response_ids], 1)
@@ -52,11 +63,12 @@ def evaluate(policy: Any, task: Any, *, reference: torch.nn.Module, reward_fn: A
         ref_lp = sequence_logprobs(reference, ids, mask, p_ids.shape[1], 1.0, task.suppress_ids)
         kl = float(masked_sum(s.logprobs - ref_lp, s.response_mask, dim=-1).mean())
     responses = task.decode(s.response_ids, s.response_mask)
-    gold = task.gold(flat, responses)
-    out: dict[str, Any] = {"gold_reward": float(np.mean(gold[task.objectives[0]])),
-                           "proxy_reward": float(scores.mean()), "kl_to_ref": kl}
-    for name in task.objectives[1:]:
-        out[f"gold_{name}"] = float(np.mean(gold[name]))
+    out["kl_to_ref"] = kl
+    if task.has_gold:
+        gold = task.gold(flat, responses)
+        out["gold_reward"] = float(np.mean(gold[task.objectives[0]]))
+        for name in task.objectives[1:]:
+            out[f"gold_{name}"] = float(np.mean(gold[name]))
     out["response_length"] = float(s.response_mask.sum(-1).float().mean())
     out["eos_rate"] = float(s.finished.float().mean())
     out["generated_tokens"] = int(s.response_mask.sum())

@@ -57,12 +57,17 @@ from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.evaluation import evaluate
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
 from rlhf_zoo.registry import Algorithm, Registry, get_registry
+from rlhf_zoo.rewards import MissingReward
 
 DEFAULT_TASK = "sentiment"
 KEEP_CHECKPOINTS = 2
 AUTO_CHECKPOINTS = 10  # checkpoints per run when checkpoint_every is None
 # config.json keys that must match for --resume to continue a run
-RUN_IDENTITY = ("algorithm", "task", "task_seed", "seed", "config", "beta", "max_new_tokens")
+RUN_IDENTITY = ("algorithm", "task", "task_seed", "seed", "config", "beta", "max_new_tokens", "setup")
+#: keyword arguments of `make_context`'s ``setup`` (a user's own model; `rlhf_zoo.user_setup`)
+SETUP_KEYS = ("model", "tokenizer", "ref_model", "reward", "reward_weights", "gold", "prompts", "ptx_dataset",
+              "chat_template", "eval_fraction", "dtype", "attn_implementation", "trust_remote_code",
+              "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,10 +91,12 @@ class RunContext:
     """What an algorithm's ``train(ctx, config)`` receives.
 
     Attributes:
-        task: the loaded task (tokenizer, prompts, datasets, gold reward).
-        policy: a trainable copy of the SFT policy, on ``device``.
-        reference: the frozen SFT policy (never updated).
-        reward_fn: the reward the environment pays (task default: learned RM; gold on ``exact``).
+        task: the world (`rlhf_zoo.world.World`): a built-in task, or a user's own setup (``--model``).
+        policy: a trainable copy of the starting (SFT) policy, on ``device`` (with LoRA: the adapted model).
+        reference: the frozen reference policy (never updated; with LoRA: the base with adapters disabled).
+        reward_fn: the reward the environment pays (task default: learned RM; gold on ``exact``; a user
+            setup: its ``--reward`` terms summed). A world without a reward gives one that raises a
+            one-line error when called, so algorithms that use none (sft, dpo) never need one.
         generator: the run's torch RNG for sampling, seeded from ``seed``.
     """
 
@@ -121,6 +128,7 @@ class RunContext:
     _every: int = 0
     _bar: Any = None
     _sample_generator: torch.Generator | None = None
+    setup: dict[str, Any] = field(default_factory=dict)  # a run on the user's own model: its options
 
     @property
     def sample_generator(self) -> torch.Generator:
@@ -140,14 +148,17 @@ class RunContext:
 
     @property
     def beta(self) -> float:
-        """The KL coefficient: the config's ``beta`` when it has one and it is set, else the task's."""
-        beta = getattr(self.config, "beta", None)
+        """The KL coefficient: the config field the algorithm declares as its KL coefficient
+        (``AlgoConfig.kl_coefficient``) when it is set, else the world's."""
+        beta = self.config.kl_coefficient_value()
         return float(self.task.beta if beta is None else beta)
 
     def make_env(self, num_envs: int, kind: str = "ResponseGen", split: str = "train", **kwargs: Any) -> Any:
         """A vector environment over this run's task, sharing the run's reference model and reward."""
         import gymnasium
 
+        if isinstance(self.reward_fn, MissingReward) and "reward_fn" not in kwargs:
+            self.reward_fn()  # raises the one-line error that names the missing option
         return gymnasium.make_vec(f"rlhf_zoo/{kind}-v0", num_envs=num_envs, task=self.task, split=split,
                                   max_new_tokens=self.max_new_tokens, device=str(self.device), beta=self.beta,
                                   temperature=self.config.temperature, reference_model=self.reference,
@@ -332,7 +343,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def make_context(
     algorithm: str,
     *,
-    task: str = DEFAULT_TASK,
+    task: str | None = DEFAULT_TASK,
     seed: int = 0,
     out: str | Path = "runs/latest",
     device: str = "auto",
@@ -344,16 +355,26 @@ def make_context(
     resume: bool = False,
     progress: bool = True,
     registry: Registry | None = None,
+    setup: dict[str, Any] | None = None,
 ) -> RunContext:
     """Resolve the config, load the task, seed, and load the policy, reference and reward: everything
-    an algorithm's ``train`` receives. `run` calls it; tests and tools can too."""
+    an algorithm's ``train`` receives. `run` calls it; tests and tools can too.
+
+    ``setup``: a user's own model instead of a built-in task (keys `SETUP_KEYS`, as the ``zoo run``
+    options: ``model`` is required; see `rlhf_zoo.user_setup`)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars; the runner shows its own progress
     registry = registry or get_registry()
     algo = registry.algorithm(algorithm)
     config = algo.config_cls.from_dict(options or {}, preset=preset)
-    task_spec = registry.task(task)
+    setup = {k: v for k, v in (setup or {}).items() if v}  # options left unset (None, False, 0, empty) are absent
+    if setup and "model" not in setup:
+        raise ConfigError(f"--{next(iter(setup)).replace('_', '-')} applies to a run on your own model: give --model too")
+    if setup and task is not None and task != DEFAULT_TASK:
+        raise ConfigError(f"--task {task!r} and --model {setup['model']!r} are two different worlds: give one")
+    task = "user" if setup else (task or DEFAULT_TASK)
+    task_spec = None if setup else registry.task(task)
     dev = resolve_device(device)
     dist = init_from_env(dev.type)
     if dist.active:
@@ -369,27 +390,82 @@ def make_context(
         raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
     out = Path(out)
     identity = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed,
-                "config": config.to_dict()}
+                "config": config.to_dict(), **({"setup": setup} if setup else {})}
+    if setup:  # a user's own model: assembled, not built; nothing is written before it is checked
+        the_task, model_options = _user_world(setup, config, registry, dev, task_seed)
     if dist.is_main:  # only rank 0 writes the run directory
         out.mkdir(parents=True, exist_ok=True)
         resume = resume and _check_resumable(out, identity)
         if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
             (out / "metrics.jsonl").write_text("")
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        the_task = task_spec.load(seed=task_seed, progress=progress)  # builds the task if it is not cached
+        if not setup:
+            the_task = task_spec.load(seed=task_seed, progress=progress)  # builds the task if it is not cached
     dist.barrier()
     if not dist.is_main:
         resume = resume and latest_checkpoint(out / "checkpoints") is not None
-        the_task = task_spec.load(seed=task_seed, progress=False)
+        if not setup:
+            the_task = task_spec.load(seed=task_seed, progress=False)
     seed_everything(seed)
-    reference = the_task.load_policy(dev).requires_grad_(False)
     policy = the_task.load_policy(dev)
-    reward_fn = the_task.reward_function(device=dev)
+    reference = None
+    if setup:
+        from rlhf_zoo.adapters import prepare_policy
+
+        policy, reference = prepare_policy(policy, setup, model_options)
+    if reference is None:
+        reference = the_task.load_reference(dev)
+    reference.requires_grad_(False)
+    reward_fn = the_task.reward_function(device=dev) if the_task.has_reward else MissingReward(task)
     generator = torch.Generator(device=dev).manual_seed(seed)
     return RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
                       show_progress=progress and dist.is_main, dist=dist, task_name=task, task_seed=task_seed,
-                      preset=preset)
+                      preset=preset, setup=setup)
+
+
+def _user_world(setup: dict[str, Any], config: AlgoConfig, registry: Registry, device: torch.device,
+                task_seed: int) -> tuple[Any, Any]:
+    """The `UserSetup` world of a run on the user's own model, and its model options."""
+    from rlhf_zoo.sources import ModelOptions
+    from rlhf_zoo.user_setup import EVAL_FRACTION, UserSetup
+
+    model_options = ModelOptions(dtype=setup.get("dtype", "auto"),
+                                 attn_implementation=setup.get("attn_implementation", "sdpa"),
+                                 trust_remote_code=bool(setup.get("trust_remote_code", False)))
+    world = UserSetup(
+        model=str(setup["model"]), tokenizer_source=setup.get("tokenizer"), ref_model=setup.get("ref_model"),
+        rewards=tuple(setup.get("reward", ())), reward_weights=tuple(setup.get("reward_weights", ())),
+        gold_spec=setup.get("gold"), prompts_source=setup.get("prompts"),
+        dataset_source=getattr(config, "dataset", None) or None, ptx_dataset=setup.get("ptx_dataset"),
+        chat_template=setup.get("chat_template"), eval_fraction=setup.get("eval_fraction", EVAL_FRACTION),
+        model_options=model_options, max_new_tokens=config.max_new_tokens, seed=task_seed, registry=registry,
+        device=device)
+    world.tokenizer  # noqa: B018 (a tokenizer that cannot be loaded fails before anything else)
+    return world, model_options
+
+
+def win_rate(scores: Any, baseline_scores: Any) -> float:
+    """Share of paired samples where the policy's score beats the reference's (ties count one half)."""
+    a, b = np.asarray(scores, dtype=np.float64), np.asarray(baseline_scores, dtype=np.float64)
+    return float(np.mean((a > b) + 0.5 * (a == b)))
+
+
+def save_model(model: Any, tokenizer: Any, path: Path, adapter_dir: Path | None = None) -> None:
+    """A model directory that the Auto classes load: weights (safetensors), config, generation config
+    and the tokenizer (chat template included). A LoRA model is saved merged; its adapter goes to
+    ``adapter_dir``."""
+    from rlhf_zoo.adapters import merged_for_saving
+
+    model = merged_for_saving(model, adapter_dir)
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:  # generation stops at the EOS the responses were trained to end with
+        gen.eos_token_id = tokenizer.eos_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
+        if gen.bos_token_id is None and tokenizer.bos_token_id is not None:
+            gen.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
@@ -424,7 +500,9 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     provided = registry.provided_by[("algorithm", algo.name)]
     resolved = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed, "device": str(ctx.device),
                 "preset": preset or "default", "config": config.to_dict(), "beta": ctx.beta,
-                "max_new_tokens": ctx.max_new_tokens, "algorithm_plugin": provided.name,
+                "max_new_tokens": ctx.max_new_tokens, "world": the_task.describe(),
+                **({"setup": ctx.setup} if ctx.setup else {}),
+                "algorithm_plugin": provided.name,
                 "algorithm_distribution": provided.distribution, "plugins": plugins,
                 "plugin_load_errors": [{"plugin": e.plugin, "error": e.error} for e in registry.load_errors],
                 "versions": versions(), "git_commit": _git_commit(), "world_size": ctx.dist.world_size, "argv": sys.argv,
@@ -454,13 +532,12 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     # 3) evaluation against the SFT baseline on the same prompts and seed
     summary: dict[str, Any] = {"algorithm": algo.name, "task": task, "seed": seed}
     if isinstance(result, RewardModelResult):
-        result.model.save_pretrained(out / "model")
+        save_model(result.model, the_task.tokenizer, out / "model")
         summary.update(result.metrics)
     else:
         with ctx.phase("evaluate"), autocast(ctx.device):
             summary.update(_evaluate_against_baseline(ctx, result))
-        result.model.save_pretrained(out / "policy")
-        the_task.tokenizer.save_pretrained(out / "policy")
+        save_model(result.model, the_task.tokenizer, out / "policy", adapter_dir=out / "adapter")
     wall = time.perf_counter() - wall_start
     tokens = ctx.counters["generated_tokens"] + ctx.counters["trained_tokens"] + summary.pop("generated_tokens", 0)
     summary.update({
@@ -478,7 +555,8 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
 def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
     cfg, task = ctx.config, ctx.task
     prompts = task.prompts("eval")[: cfg.eval_prompts]
-    common = dict(task=task, reference=ctx.reference, reward_fn=ctx.reward_fn, prompts=prompts,
+    reward_fn = None if isinstance(ctx.reward_fn, MissingReward) else ctx.reward_fn
+    common = dict(task=task, reference=ctx.reference, reward_fn=reward_fn, prompts=prompts,
                   samples_per_prompt=cfg.eval_samples, max_new_tokens=ctx.max_new_tokens,
                   seed=ctx.seed + 10_000, beta=ctx.beta, missing_eos_penalty=task.missing_eos_penalty,
                   device=ctx.device)
@@ -486,10 +564,13 @@ def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
     baseline = evaluate(ModelPolicy(ctx.reference), temperature=1.0, **common)
     out = dict(final)
     out.pop("examples", None)
+    scores, baseline_scores = out.pop("scores", None), baseline.pop("scores", None)
     for key in ("gold_reward", "proxy_reward", "kl_to_ref", "kl_to_optimum", "frontier_efficiency",
-                *[f"gold_{o}" for o in task.objectives[1:]]):
+                "response_length", "reward_terms", *[f"gold_{o}" for o in task.objectives[1:]]):
         if key in baseline:
             out[f"baseline_{key}"] = baseline[key]
+    if scores is not None and baseline_scores is not None:  # the same prompts, sample for sample
+        out["win_rate_vs_reference"] = win_rate(scores, baseline_scores)
     out["generated_tokens"] = final["generated_tokens"] + baseline["generated_tokens"]
     out["eval_prompts"] = len(prompts)
     out["examples"] = final.get("examples", [])

@@ -19,6 +19,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from rlhf_zoo.models import load_policy, load_reward_model, reward_scores
+from rlhf_zoo.world import World
 
 
 class Language(Protocol):
@@ -84,7 +85,7 @@ class GoldReward:
 
 
 @dataclass
-class Task:
+class Task(World):
     """A built task, loaded from its cache directory.
 
     Attributes:
@@ -115,7 +116,7 @@ class Task:
         manifest = json.loads((path / "manifest.json").read_text())
         return cls(path=path, language=language, manifest=manifest, **kwargs)
 
-    # --- text <-> ids -------------------------------------------------------------------------------
+    # --- text <-> ids (word-level: BOS always first, `rlhf_zoo.world.World` for the rest) -----------
     @cached_property
     def tokenizer(self) -> PreTrainedTokenizerFast:
         return PreTrainedTokenizerFast.from_pretrained(self.path / "tokenizer")
@@ -125,37 +126,28 @@ class Task:
         return self.language.objectives
 
     @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
+    def max_positions(self) -> int | None:
+        try:
+            return int(json.loads((self.path / "sft" / "config.json").read_text())["max_position_embeddings"])
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed, "path": str(self.path)}
 
     @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
+    def has_pretrained(self) -> bool:
+        return True
 
     @property
-    def suppress_ids(self) -> list[int]:
-        """Ids that are never valid actions: bos, unk, and pad when it differs from eos."""
-        tok = self.tokenizer
-        ids = {tok.bos_token_id, tok.unk_token_id}
-        if tok.pad_token_id != tok.eos_token_id:
-            ids.add(tok.pad_token_id)
-        return sorted(i for i in ids if i is not None)
+    def has_reward(self) -> bool:
+        """The environment's default reward exists: the gold, or the reward models' directories."""
+        return self.env_reward_default == "gold" or all((self.path / n).is_dir() for n in self.reward_models)
 
-    def encode_prompts(self, prompts: Sequence[str], device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded prompt ids with BOS first.  -> ids (B, P), mask (B, P)."""
+    def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """BOS, then the prompt's words."""
         tok = self.tokenizer
-        rows = [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
-        return _pad(rows, tok.pad_token_id, left=True, device=device)
-
-    def encode_responses(
-        self, responses: Sequence[str], max_len: int | None = None, device: str | torch.device = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded response ids with EOS appended (cut at ``max_len``).  -> ids (B, T), mask (B, T)."""
-        tok = self.tokenizer
-        rows = [[*tok.encode(r, add_special_tokens=False), tok.eos_token_id] for r in responses]
-        if max_len is not None:
-            rows = [r[:max_len] for r in rows]
-        return _pad(rows, tok.pad_token_id, left=False, device=device, min_len=max_len or 0)
+        return [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """Text of each row's real tokens, special tokens dropped."""
@@ -184,6 +176,14 @@ class Task:
         """The SFT policy (also the reference policy)."""
         return load_policy(self.path / "sft", device)
 
+    def load_pretrained(self, device: str | torch.device = "cpu") -> PreTrainedModel:
+        """The pretrained model before SFT (``sft --start-from pretrained``)."""
+        return load_policy(self.path / "pretrained", device)
+
+    def load_critic(self, device: str | torch.device, policy: torch.nn.Module) -> tuple[PreTrainedModel, str]:
+        """PPO's critic starts from the (first) reward model (InstructGPT sec. 3.5)."""
+        return self.load_reward_model(self.reward_models[0], device), f"reward model {self.reward_models[0]!r}"
+
     def load_reward_model(self, name: str = "reward", device: str | torch.device = "cpu") -> PreTrainedModel:
         return load_reward_model(self.path / name, device)
 
@@ -204,17 +204,3 @@ class Task:
         values = [self.language.gold(p, r) for p, r in zip(prompts, responses, strict=True)]
         return {k: np.array([v[k] for v in values], dtype=np.float64) for k in self.objectives}
 
-
-def _pad(
-    rows: list[list[int]], pad_id: int, left: bool, device: str | torch.device, min_len: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max([min_len, *map(len, rows)])
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if not r:
-            continue
-        sl = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, sl] = torch.tensor(r)
-        mask[i, sl] = 1
-    return ids.to(device), mask.to(device)

@@ -42,6 +42,7 @@ class ReinforceConfig(AlgoConfig):
         "quick": {"iterations": 400, "learning_rate": 2e-3, "eval_prompts": 64, "eval_samples": 2},
         "smoke": {"iterations": 2, "prompts_per_iteration": 2, "k": 2, "eval_prompts": 2, "eval_samples": 1},
     }
+    kl_coefficient = "beta"  # ctx.beta and the evaluation's pi*_beta read this field
 
     iterations: int = option(1500, "Sample-and-update iterations (one gradient step each).")
     prompts_per_iteration: int = option(16, "Prompts per iteration; each gets k responses.")
