@@ -3,6 +3,7 @@
     gymnasium.make("rlhf_zoo/TokenGen-v0", task="exact")                  # one token per step
     gymnasium.make_vec("rlhf_zoo/TokenGen-v0", num_envs=64, task="exact")  # TokenGenVectorEnv (batched)
     gymnasium.make("rlhf_zoo/ResponseGen-v0", task="exact")               # one response per step
+    gymnasium.make("rlhf_zoo/TokenGen-v0", model="path/or/hub-id", reward=fn, prompts=["..."])  # your model
 
 ``make_vec`` uses the ``vector_entry_point``: one batched environment, not N copies.
 """

@@ -15,6 +15,11 @@ A response without EOS finishes with reason "length" and pays the missing-EOS pe
 still terminates (never truncates): one step is the whole episode. An empty response (length 0) has no
 token to carry its score: its rewards are all 0 (``per_token_rewards``'s convention) and the score is
 reported in the info.
+
+The world is a built-in task or your own model, given as the CLI's sources (paths, hub ids) or Python
+objects (a loaded model and tokenizer, a Python reward callable, a list of prompts); see
+`rlhf_zoo_envs.core.GenerationCore`. Reset options as `rlhf_zoo_envs.token_gen.TokenGenEnv`'s
+(``prompt`` / ``prompts`` given as text, messages or ids; ``prompt_index`` / ``prompt_indices``).
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from rlhf_zoo_envs.core import (
     row_observation,
     to_numpy,
 )
-from rlhf_zoo_envs.tasks.base import Task
 
 
 def response_action_space(vocab_size: int, max_new_tokens: int) -> spaces.Dict:
@@ -55,10 +59,14 @@ def response_action_space(vocab_size: int, max_new_tokens: int) -> spaces.Dict:
 class ResponseEpisodes:
     """N one-step episodes (batched tensors): the prompts, then the submitted responses."""
 
-    def __init__(self, core: GenerationCore, prompt_index: np.ndarray) -> None:
+    def __init__(self, core: GenerationCore, prompt_index: np.ndarray, prompt_ids: torch.Tensor | None = None,
+                 prompt_mask: torch.Tensor | None = None) -> None:
+        """As `rlhf_zoo_envs.token_gen.TokenEpisodes`: table indices, or the encoded prompts themselves."""
         self.core = core
         self.prompt_index = prompt_index
-        self.prompt_ids, self.prompt_mask = core.prompts(prompt_index)  # (N, P)
+        if prompt_ids is None or prompt_mask is None:
+            prompt_ids, prompt_mask = core.prompts(prompt_index)
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask  # (N, P)
         N, T, dev = len(prompt_index), core.max_new_tokens, core.device
         self.n = N
         self.response_ids = torch.full((N, T), core.pad_token_id, dtype=torch.long, device=dev)  # (N, T)
@@ -127,7 +135,9 @@ class ResponseGenEnv(SingleEnv):
     Info: ``rewards``, ``logprobs``, ``ref_logprobs``, ``kl`` (per-token arrays of the response, the same
         numbers TokenGen gives step by step), ``response_ids``, ``response_length``, ``rm_score``, ``score``,
         ``return``, ``response_text``, ``finish_reason`` ("eos" | "length").
-    Reset options: ``{"prompt_index": i}``. Keyword arguments: see `rlhf_zoo_envs.core.GenerationCore`.
+    Reset options: ``{"prompt": text | messages | token ids}`` or ``{"prompt_index": i}`` (as
+    `rlhf_zoo_envs.token_gen.TokenGenEnv`; any other key raises ValueError). Keyword arguments: see
+    `rlhf_zoo_envs.core.GenerationCore` (``task=...``, or ``model=...`` with ``reward=``, ``prompts=``, ...).
     """
 
     episodes_cls = ResponseEpisodes
@@ -147,7 +157,9 @@ class ResponseGenEnv(SingleEnv):
 class ResponseGenVectorEnv(VectorEnv):
     """N prompts, one step: submit N whole responses at once (one reference forward, one reward call).
 
-    ``reset()`` draws N prompts (``options={"prompt_indices": [...]}`` fixes them); the step scores the N
+    ``reset()`` draws N prompts (``options={"prompts": [...]}`` gives them as text, messages or ids,
+    ``{"prompt_indices": [...]}`` picks them from the table; see `rlhf_zoo_envs.token_gen.TokenGenVectorEnv`
+    for all the options; an unknown key raises ValueError); the step scores the N
     responses and every row terminates. No autoreset (``AutoresetMode.DISABLED``): a further step before
     ``reset()`` is ignored (rewards 0, still terminated, empty info).
 
@@ -161,8 +173,8 @@ class ResponseGenVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
 
-    def __init__(self, num_envs: int = 1, *, task: str | Task, **config: Unpack[EnvConfig]) -> None:
-        self.core = GenerationCore(task, **config)
+    def __init__(self, num_envs: int = 1, **config: Unpack[EnvConfig]) -> None:
+        self.core = GenerationCore(**config)
         self.num_envs = int(num_envs)
         self.single_observation_space = self.core.observation_space()
         self.single_action_space = response_action_space(self.core.vocab_size, self.core.max_new_tokens)
@@ -176,9 +188,9 @@ class ResponseGenVectorEnv(VectorEnv):
         super().reset(seed=seed)
         if options and "reset_mask" in options and not np.all(options["reset_mask"]):
             raise NotImplementedError("episodes are synchronous: reset() restarts every row (no partial reset)")
-        idx = self.core.choose_prompts(self.np_random, self.num_envs, options)
-        self._episodes = ResponseEpisodes(self.core, idx)
-        return self._episodes.observation(), self.core.reset_info(idx)
+        prompts = self.core.select_prompts(self.np_random, self.num_envs, options, extra_keys=("reset_mask",))
+        self._episodes = ResponseEpisodes(self.core, prompts.index, prompts.ids, prompts.mask)
+        return self._episodes.observation(), self.core.reset_info(prompts)
 
     @property
     def prompt_ids(self) -> torch.Tensor:

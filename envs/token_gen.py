@@ -12,6 +12,12 @@ Reference log-probs come from a KV cache of the reference model: one single-toke
 the whole batch; the reward model runs once per step for all rows that finish at that step.
 
 Both classes are thin adapters over `TokenEpisodes`, the batched state (tensors on the env device).
+
+The world is a built-in task (``task="exact"``) or your own model with the CLI's sources, paths / hub ids
+or Python objects (`rlhf_zoo_envs.core.GenerationCore`)::
+
+    env = gymnasium.make("rlhf_zoo/TokenGen-v0", model="my/model", reward=my_reward_fn, prompts=["Hi", ...])
+    obs, info = env.reset(options={"prompt": [{"role": "user", "content": "Hello"}]})
 """
 
 from __future__ import annotations
@@ -36,7 +42,6 @@ from rlhf_zoo_envs.core import (
     row_observation,
     to_numpy,
 )
-from rlhf_zoo_envs.tasks.base import Task
 
 
 def token_action_space(vocab_size: int) -> spaces.Dict:
@@ -53,10 +58,15 @@ class TokenEpisodes:
     Rows start together; a row that finished keeps its state and ignores further actions (reward 0).
     """
 
-    def __init__(self, core: GenerationCore, prompt_index: np.ndarray) -> None:
+    def __init__(self, core: GenerationCore, prompt_index: np.ndarray, prompt_ids: torch.Tensor | None = None,
+                 prompt_mask: torch.Tensor | None = None) -> None:
+        """``prompt_index`` (N,) into the prompt table, or the encoded prompts ``prompt_ids``, ``prompt_mask``
+        (N, P) themselves (then ``prompt_index`` is -1 where a prompt is not from the table)."""
         self.core = core
         self.prompt_index = prompt_index
-        self.prompt_ids, self.prompt_mask = core.prompts(prompt_index)  # (N, P)
+        if prompt_ids is None or prompt_mask is None:
+            prompt_ids, prompt_mask = core.prompts(prompt_index)
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask  # (N, P)
         N, T, dev = len(prompt_index), core.max_new_tokens, core.device
         self.n = N
         self.response_ids = torch.full((N, T), core.pad_token_id, dtype=torch.long, device=dev)  # (N, T)
@@ -127,11 +137,18 @@ class TokenGenEnv(SingleEnv):
     Info every step: ``ref_logprob``, ``kl`` (this token's KL estimate; the log-ratio for k1). At the end
         also ``rm_score``, ``score``, ``return``, ``response_text``, ``finish_reason`` ("eos" | "length") and
         per-token arrays of the response: ``rewards``, ``logprobs``, ``ref_logprobs``, ``response_ids``;
-        plus ``response_length``. Reset info: ``prompt_index``, ``prompt``.
+        plus ``response_length``. Reset info: ``prompt_index`` (-1 for a prompt given in the options),
+        ``prompt`` (its text; a chat prompt as rendered by the template).
 
-    Reset options: ``{"prompt_index": i}`` fixes the prompt (index into ``task.prompts(split)``).
+    Reset options (at most one; any other key raises ValueError):
+        ``{"prompt": p}`` the episode's prompt: a text, a list of ``{"role", "content"}`` messages
+            (rendered with the tokenizer's chat template) or a list of token ids (as they are); encoded by
+            the world's convention and left-padded to P (longer than P tokens: ValueError);
+        ``{"prompt_index": i}`` index into ``env.core.prompt_texts`` (``world.prompts(split)``).
 
-    Keyword arguments: see `rlhf_zoo_envs.core.GenerationCore` (``task`` is a name or a `Task`).
+    Keyword arguments: see `rlhf_zoo_envs.core.GenerationCore`: ``task`` (a built-in task's name, a `Task`
+    or a `World`) or ``model`` (your own: path, hub id or loaded model) with ``tokenizer``, ``ref_model``,
+    ``reward`` (specs or Python callables), ``reward_weights``, ``prompts``, ``gold``, ...
     """
 
     episodes_cls = TokenEpisodes
@@ -152,8 +169,11 @@ class TokenGenEnv(SingleEnv):
 class TokenGenVectorEnv(VectorEnv):
     """N text-generation episodes stepped together, one token per row per step, as batched tensors.
 
-    Episodes are synchronous: ``reset()`` starts N new prompts (``options={"prompt_indices": [...]}`` fixes
-    them); there is no autoreset (``metadata["autoreset_mode"] == AutoresetMode.DISABLED``): a row that
+    Episodes are synchronous: ``reset()`` starts N new prompts; options (at most one of the first four):
+    ``{"prompts": [p_0, ..., p_{N-1}]}`` one prompt per row, each a text, a message list or token ids as
+    `TokenGenEnv`'s ``prompt``; ``{"prompt": p}`` the same prompt for every row; ``{"prompt_indices": [...]}``
+    N indices into the prompt table; ``{"prompt_index": i}`` one index for every row; ``reset_mask`` (all
+    True). Any other key raises ValueError. There is no autoreset (``metadata["autoreset_mode"] == AutoresetMode.DISABLED``): a row that
     finished stays done, ignores further actions and gets reward 0, and its ``terminations`` /
     ``truncations`` keep their final values until the next ``reset()``. Partial resets are not supported.
 
@@ -172,8 +192,8 @@ class TokenGenVectorEnv(VectorEnv):
 
     metadata = {"autoreset_mode": AutoresetMode.DISABLED, "render_modes": []}
 
-    def __init__(self, num_envs: int = 1, *, task: str | Task, **config: Unpack[EnvConfig]) -> None:
-        self.core = GenerationCore(task, **config)
+    def __init__(self, num_envs: int = 1, **config: Unpack[EnvConfig]) -> None:
+        self.core = GenerationCore(**config)
         self.num_envs = int(num_envs)
         self.single_observation_space = self.core.observation_space()
         self.single_action_space = token_action_space(self.core.vocab_size)
@@ -187,9 +207,9 @@ class TokenGenVectorEnv(VectorEnv):
         super().reset(seed=seed)
         if options and "reset_mask" in options and not np.all(options["reset_mask"]):
             raise NotImplementedError("episodes are synchronous: reset() restarts every row (no partial reset)")
-        idx = self.core.choose_prompts(self.np_random, self.num_envs, options)
-        self._episodes = TokenEpisodes(self.core, idx)
-        return self._episodes.observation(), self.core.reset_info(idx)
+        prompts = self.core.select_prompts(self.np_random, self.num_envs, options, extra_keys=("reset_mask",))
+        self._episodes = TokenEpisodes(self.core, prompts.index, prompts.ids, prompts.mask)
+        return self._episodes.observation(), self.core.reset_info(prompts)
 
     def step(
         self, actions: dict[str, Any]

@@ -110,9 +110,17 @@ def bench_cmd(
 @app.command("check")
 def check_cmd(
     algorithms: list[str] = typer.Argument(None, help="Algorithms to check (default: every registered one)."),
-    task: str = typer.Option("exact", help="Task the smoke runs use."),
+    task: str = typer.Option(None, help="Task the smoke runs use [default: exact]; or give --model."),
     device: str = typer.Option("cpu", help="cpu, auto or cuda[:N]."),
     keep: Path = typer.Option(None, help="Keep the check runs in this directory (default: a temporary one)."),
+    model: str = typer.Option(None, help="Check on your own model (directory or hub id) instead of a task."),
+    tokenizer: str = typer.Option(None, help="Tokenizer directory or hub id [default: the --model's]."),
+    reward: list[str] = typer.Option(None, help="A reward for the online algorithms (repeatable; as zoo run's)."),
+    reward_weights: str = typer.Option(None, help="Comma-separated weights of the --reward terms."),
+    prompts: str = typer.Option(None, help="Prompt rows for the online algorithms and the evaluation."),
+    ptx_dataset: str = typer.Option(None, help="Text rows {\"text\"} for ppo-ptx on your own model."),
+    chat_template: str = typer.Option(None, help="A Jinja chat-template file that replaces the tokenizer's."),
+    dataset: str = typer.Option(None, help="The --dataset of the algorithms that read one (sft, dpo, reward-model)."),
 ) -> None:
     """Run the conformance kit (DESIGN.md section 8) on algorithms, third-party ones included."""
     import tempfile
@@ -123,13 +131,24 @@ def check_cmd(
     names = algorithms or sorted(reg.algorithms)
     for n in names:
         reg.algorithm(n)  # unknown names fail before any run
+    setup = {k: v for k, v in {"model": model, "tokenizer": tokenizer, "reward": tuple(reward or ()),
+                               "reward_weights": _weights(reward_weights), "prompts": prompts,
+                               "ptx_dataset": ptx_dataset, "chat_template": chat_template}.items() if v}
+    if setup and not model:
+        raise ConfigError(f"--{next(iter(setup)).replace('_', '-')} applies to a check on your own model: give --model too")
+    if model and task:
+        raise ConfigError(f"--task {task!r} and --model {model!r} are two different worlds: give one")
+    world = model or task or "exact"
     failed = []
     with tempfile.TemporaryDirectory(prefix="zoo-check-") as tmp:
         root = keep or Path(tmp)
         for n in names:
             p = reg.provided_by[("algorithm", n)]
-            typer.echo(f"zoo check {n} ({p.distribution} {p.version}, plugin {p.name}) on {task}")
-            results = check_algorithm(n, root / n, task=task, device=device)
+            typer.echo(f"zoo check {n} ({p.distribution} {p.version}, plugin {p.name}) on {world}")
+            fields = {f.name for f in dataclasses.fields(reg.algorithm(n).config_cls)}
+            options = {"dataset": dataset} if dataset and "dataset" in fields else None
+            results = check_algorithm(n, root / n, task=task or "exact", device=device, setup=setup or None,
+                                      options=options)
             typer.echo(format_results(n, results))
             if any(r.passed is False for r in results):
                 failed.append(n)
@@ -239,15 +258,15 @@ def _setup_params() -> list[click.Parameter]:
         opt("--ref-model", "Reference policy for the KL term [default: the --model].", default=None),
         opt("--reward", "A reward (repeatable, summed): a reward-model directory or hub id, a registered reward "
                         "function (zoo list), or module:function f(prompts, completions, **kwargs) -> list[float].",
-            multiple=True, default=()),
+            multiple=True),
         opt("--reward-weights", "Comma-separated weights of the --reward terms, in order [default: 1 each].",
             default=None),
         opt("--gold", "A held-out evaluator (same forms as --reward), never optimised: summary.json's gold_reward.",
             default=None),
         opt("--prompts", "Prompt-only rows {\"prompt\": text or messages} (.jsonl, .json, .parquet, saved dir, "
                          "hub id) for the online algorithms and the evaluation.", default=None),
-        opt("--eval-fraction", "Share of the --prompts held out for evaluation (at least one prompt).",
-            type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, show_default="0.1"),
+        opt("--eval-fraction", "Share of the --prompts held out for evaluation, at least one prompt [default: 0.1].",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None),
         opt("--ptx-dataset", "Text rows {\"text\"} for ppo-ptx's pretraining term on your own model.", default=None),
         opt("--chat-template", "A Jinja chat-template file that replaces the tokenizer's.",
             type=click.Path(exists=True, dir_okay=False), default=None),

@@ -2,7 +2,8 @@
 running it. ``zoo check ALGO`` prints the checks; `rlhf_zoo.testing` offers them as a pytest fixture.
 
 The kit runs the algorithm's ``smoke`` preset (every algorithm must have one) through the real runner on
-a task (``exact`` by default: it builds in seconds) and checks:
+a task (``exact`` by default: it builds in seconds), or on a user's own model (``zoo check --model DIR
+--reward SPEC --prompts FILE --dataset FILE``: ``setup`` and ``options`` of `check_algorithm`), and checks:
 
   config       the config is a frozen `AlgoConfig` dataclass, every field has help text, the smoke
                preset constructs
@@ -116,8 +117,14 @@ def check_algorithm(
     seed: int = 0,
     registry_factory: Callable[[dict[str, Any]], Registry] = build_registry,
     progress: bool = False,
+    setup: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[CheckResult]:
-    """Run the kit on algorithm ``name``; runs go under ``workdir``. Returns one result per check."""
+    """Run the kit on algorithm ``name``; runs go under ``workdir``. Returns one result per check.
+
+    ``setup``: run on the user's own model instead of ``task`` (the ``zoo run`` setup options, keys
+    `rlhf_zoo.runner.SETUP_KEYS`: ``model`` and, as the algorithm needs them, ``reward``, ``prompts``, ...);
+    ``options``: config values on top of the smoke preset (e.g. ``dataset`` for sft, dpo, reward-model)."""
     from rlhf_zoo.runner import run
 
     workdir = Path(workdir)
@@ -138,7 +145,7 @@ def check_algorithm(
             problems.append("no 'smoke' preset (the kit runs it: a run of a few seconds)")
         else:
             try:
-                cls.from_dict({}, preset="smoke")
+                cls.from_dict(dict(options or {}), preset="smoke")
             except Exception as e:  # noqa: BLE001 - reported as the check's failure
                 problems.append(f"the smoke preset does not construct: {e}")
     results.append(CheckResult("config", not problems, "; ".join(problems) or
@@ -149,8 +156,10 @@ def check_algorithm(
 
     def one_run(out: Path, **kwargs: Any) -> tuple[dict[str, Any], _Probe]:
         probe = _Probe()
-        summary = run(name, task=task, seed=seed, out=out, device=device, preset="smoke", progress=progress,
-                      keep_checkpoints=KEEP_ALL, registry=registry_factory({"zoo-check-probe": probe}), **kwargs)
+        summary = run(name, task=None if setup else task, seed=seed, out=out, device=device, preset="smoke",
+                      progress=progress, keep_checkpoints=KEEP_ALL, options=dict(options or {}),
+                      registry=registry_factory({"zoo-check-probe": probe}), setup=dict(setup or {}) or None,
+                      **kwargs)
         return summary, probe
 
     a_dir, b_dir, c_dir = workdir / "run-a", workdir / "run-b", workdir / "run-resumed"

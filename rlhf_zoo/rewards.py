@@ -145,18 +145,45 @@ def _model_scorer(model: Any, tokenizer: Any, same: bool, device: torch.device) 
 
 
 def is_function_spec(spec: str, registry: Any = None) -> bool:
-    """Whether a spec names a Python callable or a registered reward function (not a reward model)."""
+    """Whether a spec names a Python callable or a registered reward function (not a reward model); a
+    Python callable given as an object counts as one."""
     from rlhf_zoo.sources import is_local
 
+    if is_callable_reward(spec):
+        return True
     if is_local(spec):
         return False
     return ":" in spec or (registry is not None and spec in registry.reward_functions)
 
 
+def is_callable_reward(spec: Any) -> bool:
+    """Whether a reward is given as a Python callable object (not a spec string, not a loaded model)."""
+    return callable(spec) and not isinstance(spec, (str, torch.nn.Module))
+
+
+def callable_name(fn: Any) -> str:
+    """A readable name of a callable reward (``module:qualname``), its spec in `RewardTerm` and logs."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    if name is None:  # a callable instance
+        module, name = type(fn).__module__, type(fn).__qualname__
+    return f"{module}:{name}" if module else str(name)
+
+
 def build_term(spec: str, weight: float, option: str, world: Any, device: torch.device, registry: Any = None) -> RewardTerm:
-    """One `RewardTerm` from a spec (see the module docstring for the forms and their order)."""
+    """One `RewardTerm` from a spec (see the module docstring for the forms and their order). ``spec`` may
+    also be a Python callable ``f(prompts, completions, **kwargs) -> list[float]`` given as an object (the
+    environments' ``reward=``), used as a ``module:function`` spec would be."""
     from rlhf_zoo.sources import is_local, load_sequence_classifier, load_tokenizer
 
+    if isinstance(spec, torch.nn.Module):
+        raise ConfigError(f"{option}: a loaded model object is not a reward this accepts; give the reward model's "
+                          "directory or hub id, or a Python callable f(prompts, completions, **kwargs) -> list[float]")
+    if is_callable_reward(spec):
+        name = callable_name(spec)
+        return RewardTerm(name, weight, "function", _function_scorer(spec, option, name))
+    if not isinstance(spec, str):
+        raise ConfigError(f"{option}: expected a reward spec (a reward model directory or hub id, a registered reward "
+                          f"function, module:function) or a Python callable, got {type(spec).__name__}")
     if ":" in spec and not is_local(spec):
         return RewardTerm(spec, weight, "function", _function_scorer(import_callable(spec, option), option, spec))
     if registry is not None and spec in registry.reward_functions and not is_local(spec):

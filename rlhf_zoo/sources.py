@@ -104,14 +104,16 @@ def load_model(auto_cls: Any, source: str | Path, option: str, device: torch.dev
     device = torch.device(device)
     dtype = torch.float32 if trainable else options.frozen_dtype(device)
     path = _resolve(source)
-    common = dict(trust_remote_code=options.trust_remote_code, use_safetensors=True, dtype=dtype, **kwargs)
+    common = dict(trust_remote_code=options.trust_remote_code, dtype=dtype, **kwargs)
     try:
         try:
-            model = auto_cls.from_pretrained(path, attn_implementation=options.attn_implementation, **common)
+            model = auto_cls.from_pretrained(path, use_safetensors=True, attn_implementation=options.attn_implementation,
+                                             **common)
         except ValueError as e:
             if options.attn_implementation != "sdpa" or "sdpa" not in str(e).lower():
                 raise
-            model = auto_cls.from_pretrained(path, attn_implementation="eager", **common)  # no sdpa kernel
+            model = auto_cls.from_pretrained(path, use_safetensors=True, attn_implementation="eager",
+                                             **common)  # the architecture has no sdpa kernel
     except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
         what = "weights" if "safetensors" in str(e) or "weights" in str(e).lower() else "a model"
         if is_local(path) and not any(Path(path).glob("*.safetensors")) and any(Path(path).glob("*.bin")):

@@ -80,7 +80,38 @@ class UserSetup(World):
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS if context is None else min(DEFAULT_MAX_NEW_TOKENS, context // 2)
         if context is not None and self.max_new_tokens >= context:
             raise ConfigError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in --model "
-                              f"{self.model!r}'s context of {context} tokens")
+                              f"{source_name(self.model)!r}'s context of {context} tokens")
+
+    @classmethod
+    def from_sources(
+        cls, model: Any, *, tokenizer: Any = None, ref_model: Any = None, reward: Any = None,
+        reward_weights: Sequence[float] | None = None, prompts: Any = None, gold: Any = None, **kwargs: Any,
+    ) -> UserSetup:
+        """A user setup from the sources the CLI takes, given as paths / hub ids or as Python objects (the
+        environments' ``gymnasium.make(..., model=...)``):
+
+          model, ref_model  a path or hub id, or an already loaded ``PreTrainedModel`` (the reference of a
+                            model object without ``ref_model`` is a frozen copy of it, never the object)
+          tokenizer         a path or hub id, or a tokenizer object (default: the model's; a model object
+                            needs one unless its ``name_or_path`` is a directory or hub id); used by the
+                            project's conventions (pad = EOS when missing) on a copy, never changed in place
+          reward, gold      a spec (reward-model dir or hub id, registered function, ``module:function``) or
+                            a Python callable ``f(prompts, completions, **kwargs) -> list[float]``; ``reward``
+                            may be a list of those, summed with ``reward_weights``
+          prompts           a prompt file's path or hub id, or the prompts themselves: a list of strings
+                            and/or message lists (or rows ``{"prompt": ...}``), or a ``datasets.Dataset``
+
+        ``kwargs``: the other fields (``dataset_source``, ``chat_template``, ``eval_fraction``,
+        ``model_options``, ``max_new_tokens``, ``beta``, ``seed``, ``registry``, ``device``, ...)."""
+        if reward is None:
+            rewards: tuple[Any, ...] = ()
+        elif isinstance(reward, (str, Path)) or callable(reward):
+            rewards = (reward if callable(reward) else str(reward),)
+        else:
+            rewards = tuple(r if callable(r) else str(r) for r in reward)
+        return cls(model=model if not isinstance(model, Path) else str(model), tokenizer_source=tokenizer,
+                   ref_model=ref_model, rewards=rewards, reward_weights=tuple(reward_weights or ()), gold_spec=gold,
+                   prompts_source=str(prompts) if isinstance(prompts, Path) else prompts, **kwargs)
 
     # --- what the world has -------------------------------------------------------------------------
     @property
@@ -97,6 +128,8 @@ class UserSetup(World):
 
         from rlhf_zoo.sources import _explain, _resolve
 
+        if not is_source_path(self.model):  # a model object
+            return self.model.config
         try:
             return AutoConfig.from_pretrained(_resolve(self.model), trust_remote_code=self.model_options.trust_remote_code)
         except (OSError, ValueError, KeyError) as e:
@@ -107,10 +140,11 @@ class UserSetup(World):
         return context_length(self.model_config)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "tokenizer": self.tokenizer_source or self.model,
-                "ref_model": self.ref_model or self.model, "rewards": list(self.rewards),
-                "reward_weights": list(self.reward_weights) or [1.0] * len(self.rewards), "gold": self.gold_spec,
-                "prompts": self.prompts_source, "ptx_dataset": self.ptx_dataset, "chat_template": self.chat_template,
+        return {"name": self.name, "model": source_name(self.model),
+                "tokenizer": source_name(self.tokenizer_source or self.model),
+                "ref_model": source_name(self.ref_model or self.model), "rewards": [source_name(r) for r in self.rewards],
+                "reward_weights": list(self.reward_weights) or [1.0] * len(self.rewards),
+                "gold": source_name(self.gold_spec), "prompts": source_name(self.prompts_source), "ptx_dataset": self.ptx_dataset, "chat_template": self.chat_template,
                 "eval_fraction": self.eval_fraction, "dtype": self.model_options.dtype,
                 "critic_init_for_ppo": self.critic_origin(),
                 "attn_implementation": self.model_options.attn_implementation,
@@ -120,7 +154,7 @@ class UserSetup(World):
     @cached_property
     def tokenizer(self) -> Any:
         option = "--tokenizer" if self.tokenizer_source else "--model"
-        tok = load_tokenizer(self.tokenizer_source or self.model, option, self.model_options.trust_remote_code)
+        tok = tokenizer_from(self.tokenizer_source, self.model, option, self.model_options.trust_remote_code)
         if self.chat_template:
             try:
                 tok.chat_template = Path(self.chat_template).read_text(encoding="utf-8")
@@ -133,7 +167,8 @@ class UserSetup(World):
     def _prompt_table(self) -> dict[str, list[str]]:
         """Prompt texts by split, and the originals by text (filled as a side effect)."""
         if self.prompts_source:
-            kept, report = load_prompts(self.prompts_source, RowPolicy(), self, self.max_new_tokens)
+            kept, report = (load_prompts(self.prompts_source, RowPolicy(), self, self.max_new_tokens)
+                            if is_source_path(self.prompts_source) else self._given_prompts(self.prompts_source))
             self._prompt_report = report.metrics()["dataset"]
             pairs = kept
         elif self.dataset_source:
@@ -144,13 +179,22 @@ class UserSetup(World):
         self._originals = {text: original for text, original in pairs}
         texts = list(dict.fromkeys(text for text, _ in pairs))  # unique, in file order
         if len(texts) < 2:
-            raise DataError(f"{self.prompts_source or self.dataset_source}: {len(texts)} distinct prompt(s); at least 2 "
+            raise DataError(f"{source_name(self.prompts_source or self.dataset_source)}: {len(texts)} distinct prompt(s); at least 2 "
                             "are needed (one or more held out for evaluation)")
         order = np.random.default_rng(self.seed).permutation(len(texts))
         n_eval = max(1, int(round(len(texts) * self.eval_fraction)))
         held = set(order[:n_eval].tolist())
         return {"train": [t for i, t in enumerate(texts) if i not in held],
                 "eval": [t for i, t in enumerate(texts) if i in held]}
+
+    def _given_prompts(self, prompts: Any) -> tuple[list[tuple[str, Any]], Any]:
+        """Prompts given as objects (a list of strings / message lists / rows, or a ``datasets.Dataset``),
+        validated as the rows of a prompt file are."""
+        from rlhf_zoo.data import length_caps, numbered, validate_prompts
+
+        rows = [r if isinstance(r, dict) else {"prompt": r} for r in prompts]
+        return validate_prompts(numbered(rows), RowPolicy(), source="prompts", tokenizer=self.tokenizer,
+                                caps=length_caps(self, self.max_new_tokens), render=self.render_messages)
 
     def _dataset_prompts(self, source: str) -> list[tuple[str, Any]]:
         from rlhf_zoo.data import read_rows, validate_rankings, validate_sft
@@ -170,13 +214,20 @@ class UserSetup(World):
         return list(self._prompt_table[split])
 
     def original_prompt(self, text: str) -> Any:
-        self._prompt_table  # noqa: B018 (loads the originals)
+        try:
+            self._prompt_table  # noqa: B018 (loads the originals)
+        except ConfigError:  # no prompts of its own (an environment given its prompts at reset)
+            pass
         return getattr(self, "_originals", {}).get(text, text)
 
     @cached_property
     def _prompt_by_ids(self) -> dict[tuple[int, ...], str]:
-        texts = [t for split in ("train", "eval") for t in self._prompt_table[split]]
-        return {tuple(ids): t for ids, t in zip(self.prompt_token_ids(texts), texts, strict=True)}
+        try:
+            texts = [t for split in ("train", "eval") for t in self._prompt_table[split]]
+        except ConfigError:  # no prompts of its own: only those given with `add_prompts`
+            texts = []
+        texts = list(dict.fromkeys([*texts, *getattr(self, "_originals", {})]))
+        return {tuple(ids): t for ids, t in reversed(list(zip(self.prompt_token_ids(texts), texts, strict=True)))}
 
     def prompt_texts_from_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """The known prompt text of each row, else its tokens decoded with special tokens kept (BOS dropped)."""
@@ -198,10 +249,17 @@ class UserSetup(World):
     def add_prompts(self, prompts: Sequence[Any]) -> list[str]:
         """Texts of prompts given directly (strings or message lists), remembered for rewards."""
         texts = [self.render_messages(p, True) if isinstance(p, list) else str(p) for p in prompts]
-        self._prompt_table  # noqa: B018
-        for text, original in zip(texts, prompts, strict=True):
-            self._originals.setdefault(text, original)
-        self.__dict__.pop("_prompt_by_ids", None)
+        try:
+            self._prompt_table  # noqa: B018 (loads the originals)
+        except ConfigError:  # no prompts of its own (an environment given its prompts at reset)
+            pass
+        originals = self.__dict__.setdefault("_originals", {})
+        new = [(t, p) for t, p in zip(texts, prompts, strict=True) if t not in originals]
+        originals.update(new)
+        if new and "_prompt_by_ids" in self.__dict__:  # extend the lookup, do not rebuild it
+            by_ids = self.__dict__["_prompt_by_ids"]
+            for ids, (text, _) in zip(self.prompt_token_ids([t for t, _ in new]), new, strict=True):
+                by_ids.setdefault(tuple(ids), text)
         return texts
 
     # --- datasets -------------------------------------------------------------------------------------
@@ -223,16 +281,21 @@ class UserSetup(World):
     def _check_vocab(self, model: Any, option: str) -> Any:
         rows = model.get_input_embeddings().weight.shape[0]
         if len(self.tokenizer) > rows:
-            raise ConfigError(f"{option} {self.model!r}: the tokenizer has {len(self.tokenizer)} tokens but the model's "
+            raise ConfigError(f"{option} {source_name(self.model)!r}: the tokenizer has {len(self.tokenizer)} tokens but the model's "
                               f"embedding only {rows} rows; use the tokenizer the model was trained with")
         return model
 
     def load_policy(self, device: str | torch.device = "cpu") -> Any:
+        if not is_source_path(self.model):  # a model object: that very model, moved to ``device``
+            return self._check_vocab(self.model.to(device), "--model")
         model = load_causal_lm(self.model, "--model", device, options=self.model_options, trainable=True)
         return self._check_vocab(model, "--model")
 
     def load_reference(self, device: str | torch.device = "cpu") -> Any:
         option, source = ("--ref-model", self.ref_model) if self.ref_model else ("--model", self.model)
+        if not is_source_path(source):  # a model object
+            return self._check_vocab(frozen_reference(source, option == "--ref-model", device, self.model_options),
+                                     option)
         model = load_causal_lm(source, option, device, options=self.model_options, trainable=False)
         return self._check_vocab(model, option)
 
@@ -267,7 +330,7 @@ class UserSetup(World):
     @cached_property
     def _reward(self) -> CombinedReward | MissingReward:
         if not self.rewards:
-            return MissingReward(self.model)
+            return MissingReward(source_name(self.model))
         return combine(self.rewards, self.reward_weights, "--reward", self, torch.device(self.device), self.registry)
 
     @cached_property
@@ -287,3 +350,70 @@ class UserSetup(World):
         if not self.gold_spec:
             raise ConfigError("no gold evaluator: give --gold SPEC")
         return {"gold": self._gold.score_texts(prompts, responses).double().numpy()}
+
+
+# --- sources given as Python objects (the environments' model=, tokenizer=, reward=, prompts=) -----------
+def is_source_path(source: Any) -> bool:
+    """Whether a source is a path or hub id (a string), not an object given directly."""
+    return isinstance(source, (str, Path))
+
+
+def source_name(source: Any) -> Any:
+    """What config.json and messages show for a source: a path or hub id as is; an object by its
+    ``name_or_path`` or its kind (a callable reward as ``module:qualname``)."""
+    if source is None or isinstance(source, (str, int, float)):
+        return source
+    if isinstance(source, Path):
+        return str(source)
+    name = getattr(source, "name_or_path", None) or getattr(getattr(source, "config", None), "_name_or_path", None)
+    if name:
+        return f"{type(source).__name__}({name})"
+    if isinstance(source, torch.nn.Module):
+        return f"{type(source).__name__} object"
+    if callable(source):
+        from rlhf_zoo.rewards import callable_name
+
+        return callable_name(source)
+    try:
+        return f"{type(source).__name__} of {len(source)} prompts"
+    except TypeError:
+        return type(source).__name__
+
+
+def adopt_tokenizer(tokenizer: Any, option: str = "--tokenizer") -> Any:
+    """A tokenizer object set up by the project's conventions as `rlhf_zoo.sources.load_tokenizer` sets up a
+    loaded one (pad = EOS when missing, left padding), on a copy: the caller's object is never changed."""
+    import copy
+
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ConfigError(f"{option}: the tokenizer has no EOS token; responses need one to end (set its eos_token)")
+    tok = copy.deepcopy(tokenizer)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def tokenizer_from(source: Any, model: Any, option: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a setup: ``source`` (a path, hub id or tokenizer object), else the model's (a model
+    object's from its ``name_or_path``)."""
+    if source is not None and not is_source_path(source):
+        return adopt_tokenizer(source, option)
+    if source is not None or is_source_path(model):
+        return load_tokenizer(source if source is not None else model, option, trust_remote_code)
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        raise ConfigError("a model given as an object needs its tokenizer too (tokenizer=, an object, a directory "
+                          "or a hub id): the model does not say where it was loaded from")
+    return load_tokenizer(name, option, trust_remote_code)
+
+
+def frozen_reference(model: Any, given: bool, device: str | torch.device, options: ModelOptions) -> Any:
+    """The frozen reference from a model object: a reference given as such (``given``) is used as is, moved
+    to ``device``; a policy object is copied (its training must not move the reference) into the dtype of
+    frozen models, as a reference loaded from a path would be."""
+    import copy
+
+    device = torch.device(device)
+    ref = model.to(device) if given else copy.deepcopy(model).to(device=device, dtype=options.frozen_dtype(device))
+    return ref.eval().requires_grad_(False)

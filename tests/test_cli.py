@@ -59,8 +59,8 @@ def test_cli_list_json_names_and_distribution(capsys):
 def test_cli_list_text_has_sections(capsys):
     assert main(["list"]) == 0
     out, err = capsys.readouterr()
-    assert out.index("Algorithms:") < out.index("  best-of-n ") < out.index("Tasks:") < out.index("  exact ")
-    assert "Reward functions:" not in out  # none registered: the section is left out
+    assert out.index("Algorithms:") < out.index("  best-of-n ") < out.index("Tasks:") < out.index("  exact ") \
+        < out.index("Reward functions:") < out.index("  distinct-words ") < out.index("  length ")
     assert err == ""
 
 

@@ -98,7 +98,8 @@ def test_read_rows_unreadable_files_are_one_line_errors(tmp_path, name, content,
 def test_read_rows_directories(tmp_path):
     import datasets
 
-    with pytest.raises(DataError, match=r"^dataset 'nope.jsonl' does not exist$"):
+    with pytest.raises(DataError, match=r"^dataset 'nope.jsonl' does not exist \(not a file or directory, nor a "
+                                        r"Hugging Face Hub dataset id"):
         read_rows("nope.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"^dataset directory empty: not a dataset saved by datasets' save_to_disk"):
@@ -114,7 +115,9 @@ BAD_RANKING_ROWS = [
     ({"chosen": "x", "rejected": "y"}, "missing_key", "key 'prompt' is missing"),
     ({"prompt": "x", "chosen": None, "rejected": "y"}, "missing_key", "key 'chosen' is null"),
     ({"prompt": 3, "chosen": "x", "rejected": "y"}, "wrong_type", "key 'prompt' must be a string, got int"),
-    ({"prompt": "x", "chosen": ["x"], "rejected": "y"}, "wrong_type", "key 'chosen' must be a string, got list"),
+    ({"prompt": "x", "chosen": ["x"], "rejected": "y"}, "wrong_type",
+     "key 'chosen'[0] must be a message {'role': str, 'content': str}, got x"),
+    ({"prompt": "x", "chosen": 3, "rejected": "y"}, "wrong_type", "key 'chosen' must be a string, got int"),
     ({"prompt": "x", "chosen": "x", "rejected": " \t"}, "empty", "key 'rejected' is empty"),
     ({"prompt": "", "chosen": "x", "rejected": "y"}, "empty", "key 'prompt' is empty"),
     ({"prompt": "x", "chosen": "y", "rejected": "y"}, "identical", "keys 'chosen' and 'rejected' are identical"),
@@ -213,7 +216,7 @@ def test_length_caps_of_the_exact_task(exact_task):
 def test_unknown_response_words_are_bad_rows_but_prompts_may_have_them(exact_task):
     tok, caps = exact_task.tokenizer, length_caps(exact_task, 4)
     rows = [{"prompt": "hello x", "chosen": "x", "rejected": "y"}, {"prompt": "x", "chosen": "x hello", "rejected": "y"}]
-    assert error(rows, tokenizer=tok, caps=caps) == ("data.jsonl row 2: key 'chosen' has words the task's tokenizer "
+    assert error(rows, tokenizer=tok, caps=caps) == ("data.jsonl row 2: key 'chosen' has words the tokenizer "
                                                      "does not know ('hello'); the policy can never generate them")
     kept, report = rankings(rows, DROP, tokenizer=tok, caps=caps)
     assert [r.prompt for r in kept] == ["hello x"] and dict(report.dropped) == {"unknown_token": 1}

@@ -26,7 +26,8 @@ from rlhf_zoo.registry import (
 
 BUILTIN_ALGORITHMS = ("sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo", "rrhf", "rejection-sampling")
 BUILTIN_TASKS = ("exact", "sentiment", "hh")
-BUILTIN_ENTRY_POINTS = {"sft", "reward-model", "best-of-n", "ppo", "dpo", "rrhf", "rejection-sampling", "tasks"}
+BUILTIN_ENTRY_POINTS = {"sft", "reward-model", "best-of-n", "ppo", "dpo", "rrhf", "rejection-sampling", "tasks",
+                        "rewards"}
 PLUGIN_SITE = Path(__file__).parent / "fixtures" / "plugin_site"
 THIRD_PARTY_MODULES = ("zoo_example_plugin", "zoo_broken_plugin")
 
@@ -131,9 +132,9 @@ def test_registry_unknown_task_lists_known_names():
         reg.task("nosuch")
 
 
-def test_registry_unknown_reward_function_says_none_known():
+def test_registry_unknown_reward_function_lists_the_built_in_ones():
     reg = build_registry()
-    with pytest.raises(UnknownNameError, match=r"known: \(none\)"):
+    with pytest.raises(UnknownNameError, match=r"unknown reward function 'gold'; known: distinct-words, length$"):
         reg.reward_function("gold")
 
 

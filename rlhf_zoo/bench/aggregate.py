@@ -19,7 +19,7 @@ from rlhf_zoo.bench.execute import RunResult
 from rlhf_zoo.bench.suite import DEFAULT_VARIANT
 
 METRICS = ("gold_reward", "proxy_reward", "kl_to_ref", "baseline_gold_reward", "kl_to_optimum",
-           "frontier_efficiency")
+           "frontier_efficiency", "win_rate_vs_reference", "baseline_proxy_reward")
 BUDGET = ("generated_tokens", "trained_tokens")
 SYSTEMS = ("wall_seconds", "train_seconds", "tokens_per_second", "peak_memory_mb")
 

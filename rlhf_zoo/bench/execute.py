@@ -40,8 +40,9 @@ def check_resumable(spec: RunSpec, run_dir: Path) -> None:
     if not path.is_file():
         raise ZooError(f"{run_dir} has summary.json but no config.json; delete the directory to rerun it")
     got = json.loads(path.read_text())
-    want = {"algorithm": spec.algorithm, "task": spec.task, "seed": spec.seed, "preset": spec.preset,
-            "config": spec.config}
+    want = {"algorithm": spec.algorithm, "task": "user" if spec.setup else spec.task, "seed": spec.seed,
+            "preset": spec.preset, "config": spec.config,
+            **({"setup": json.loads(json.dumps({k: v for k, v in spec.setup.items() if v}))} if spec.setup else {})}
     diff = [k for k, v in want.items() if got.get(k) != v]
     if diff:
         details = "; ".join(f"{k}: found {got.get(k)!r}, expected {want[k]!r}" for k in diff)
@@ -52,7 +53,7 @@ def execute(spec: RunSpec, run_dir: Path, device: str) -> None:
     """Run ``spec`` in a fresh Python process; on failure keep stderr in the run directory and raise."""
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"algorithm": spec.algorithm, "task": spec.task, "seed": spec.seed, "out": str(run_dir),
-               "device": device, "preset": spec.preset, "options": spec.options}
+               "device": device, "preset": spec.preset, "options": spec.options, "setup": spec.setup}
     proc = subprocess.run([sys.executable, "-m", "rlhf_zoo.bench.worker", json.dumps(payload)],
                           capture_output=True, text=True)
     if proc.returncode != 0:

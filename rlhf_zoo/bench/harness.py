@@ -61,6 +61,8 @@ def known_results(suite: Suite, registry: Registry, records: list[dict[str, Any]
     """Exact frontier and best-of-N checks for every enumerable task of the suite (e.g. ``exact``)."""
     out = {}
     for name in suite.tasks:
+        if name in suite.setups:
+            continue
         task = registry.task(name).load(seed=0, progress=False)  # the runner's default task_seed
         if not hasattr(task, "space"):
             continue

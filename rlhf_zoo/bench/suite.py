@@ -7,7 +7,14 @@ A suite is a JSON object (``benchmarks/suites/NAME.json``)::
      "preset": "quick",                                                     # "default": no preset
      "options": {"ppo": {"iterations": 100}},           # optional fixed overrides per algorithm
      "evaluation": {"eval_prompts": 64, "eval_samples": 4},  # optional: the same evaluation for all
-     "sweeps": {"ppo": {"beta": [0.03, 0.3, 1.0]}}}     # optional: one extra variant per value
+     "sweeps": {"ppo": {"beta": [0.03, 0.3, 1.0]}},     # optional: one extra variant per value
+     "setups": {"mine": {"model": "sft/policy", "reward": ["rm/model"],  # optional: worlds of your own
+                         "prompts": "prompts.jsonl", "gold": "judge:score"}}}
+
+A name in ``tasks`` is a built-in task, or a key of ``setups``: a run on your own model with those
+``zoo run`` options (``model`` required; keys as the options without dashes, e.g. ``ref_model``; paths
+relative to the working directory). Give ``gold`` to compare algorithms on a gold reward, as on the
+built-in tasks (docs/your-own-model.md).
 
 Every algorithm runs its ``default`` variant (the preset plus ``options``); each sweep value adds a
 variant that changes that one knob (one knob at a time, not a grid). Runs are ordered seed-major, so an
@@ -25,7 +32,7 @@ from rlhf_zoo.config import read_json_object
 from rlhf_zoo.errors import ConfigError
 from rlhf_zoo.registry import Registry
 
-SUITE_KEYS = {"description", "algorithms", "tasks", "seeds", "preset", "options", "sweeps", "evaluation"}
+SUITE_KEYS = {"description", "algorithms", "tasks", "seeds", "preset", "options", "sweeps", "evaluation", "setups"}
 EVALUATION_KEYS = {"eval_prompts", "eval_samples", "max_new_tokens", "temperature"}  # fields of AlgoConfig
 DEFAULT_VARIANT = "default"
 SUITES_DIR = Path("benchmarks") / "suites"
@@ -44,11 +51,14 @@ class Suite:
     #: evaluation settings applied to every algorithm (after its preset), so every run, and the SFT
     #: baseline evaluated beside it, is scored on the same prompts with the same number of samples
     evaluation: dict[str, Any] = field(default_factory=dict)
+    #: worlds of the user's own (name -> `rlhf_zoo.runner.make_context` ``setup``), named in ``tasks``
+    setups: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "algorithms": list(self.algorithms),
                 "tasks": list(self.tasks), "seeds": list(self.seeds), "preset": self.preset,
-                "options": self.options, "sweeps": self.sweeps, "evaluation": self.evaluation}
+                "options": self.options, "sweeps": self.sweeps, "evaluation": self.evaluation,
+                **({"setups": self.setups} if self.setups else {})}
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class RunSpec:
     preset: str
     options: dict[str, Any]
     config: dict[str, Any]  # the resolved config (preset + options), checked against a resumed run
+    setup: dict[str, Any] = field(default_factory=dict)  # a world of the user's own (``task`` is its name)
 
     def run_dir(self, root: Path) -> Path:
         return root / "runs" / self.task / self.algorithm / self.variant / f"seed{self.seed}"
@@ -105,8 +116,24 @@ def load_suite(name_or_path: str) -> Suite:
     return Suite(name=path.stem, algorithms=tuple(data["algorithms"]), tasks=tuple(data["tasks"]),
                  seeds=seed_list(data["seeds"]), preset=data.get("preset", "default"),
                  options=data.get("options", {}), sweeps=data.get("sweeps", {}),
-                 evaluation=data.get("evaluation", {}),
+                 evaluation=data.get("evaluation", {}), setups=_setups(data.get("setups", {}), path),
                  description=data.get("description", ""))
+
+
+def _setups(setups: Any, path: Path) -> dict[str, dict[str, Any]]:
+    from rlhf_zoo.runner import SETUP_KEYS
+
+    if not isinstance(setups, dict):
+        raise ConfigError(f"suite {path}: setups must map names to objects of zoo run options, got {setups!r}")
+    for name, setup in setups.items():
+        if not isinstance(setup, dict) or "model" not in setup:
+            raise ConfigError(f"suite {path}: setup {name!r} must be an object with at least a 'model'")
+        unknown = sorted(set(setup) - set(SETUP_KEYS))
+        if unknown:
+            raise ConfigError(f"suite {path}: setup {name!r} has unknown key(s) {unknown}; known: {', '.join(SETUP_KEYS)}")
+        if isinstance(setup.get("reward"), str):
+            setup["reward"] = [setup["reward"]]
+    return setups
 
 
 def variants(suite: Suite, algorithm: str) -> list[tuple[str, dict[str, Any]]]:
@@ -131,7 +158,8 @@ def expand(suite: Suite, registry: Registry) -> list[RunSpec]:
             raise ConfigError(f"suite {suite.name}: options or sweeps for {name!r}, which is not among its "
                               f"algorithms ({', '.join(suite.algorithms)})")
     for task in suite.tasks:
-        registry.task(task)  # unknown task: a clear error now, not after an hour of runs
+        if task not in suite.setups:
+            registry.task(task)  # unknown task: a clear error now, not after an hour of runs
     resolved: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
     for algorithm in suite.algorithms:
         cls = registry.algorithm(algorithm).config_cls
@@ -144,5 +172,5 @@ def expand(suite: Suite, registry: Registry) -> list[RunSpec]:
             if config not in seen:
                 seen.append(config)
                 resolved.append((algorithm, label, options, config))
-    return [RunSpec(algorithm, task, seed, label, suite.preset, options, config)
+    return [RunSpec(algorithm, task, seed, label, suite.preset, options, config, suite.setups.get(task, {}))
             for seed in suite.seeds for task in suite.tasks for algorithm, label, options, config in resolved]

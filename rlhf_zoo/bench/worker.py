@@ -14,8 +14,9 @@ def main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
     from rlhf_zoo.runner import run
 
-    run(spec["algorithm"], task=spec["task"], seed=spec["seed"], out=spec["out"], device=spec["device"],
-        preset=spec["preset"], options=spec["options"], progress=False,
+    setup = spec.get("setup") or None
+    run(spec["algorithm"], task=None if setup else spec["task"], seed=spec["seed"], out=spec["out"],
+        device=spec["device"], preset=spec["preset"], options=spec["options"], progress=False, setup=setup,
         checkpoint_every=0)  # a benchmark resumes whole runs; per-iteration checkpoints would only cost time
 
 
