@@ -316,9 +316,9 @@ class GenerationCore:
         self.truncation_is_terminal = bool(truncation_is_terminal)
         self.temperature = float(temperature)
 
+        self.reward_fn = reward_fn if reward_fn is not None else self._reward_function(reward, reward_weights, own)
         self.ref_model = (reference_model or self.task.load_reference(self.device)).eval()
         self.ref_model.requires_grad_(False)
-        self.reward_fn = reward_fn if reward_fn is not None else self._reward_function(reward, reward_weights, own)
         self.vocab_size = int(self.ref_model.get_output_embeddings().weight.shape[0])
         self.eos_token_id = int(self.task.eos_token_id)
         self.pad_token_id = int(self.task.pad_token_id)

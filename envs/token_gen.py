@@ -173,9 +173,10 @@ class TokenGenVectorEnv(VectorEnv):
     ``{"prompts": [p_0, ..., p_{N-1}]}`` one prompt per row, each a text, a message list or token ids as
     `TokenGenEnv`'s ``prompt``; ``{"prompt": p}`` the same prompt for every row; ``{"prompt_indices": [...]}``
     N indices into the prompt table; ``{"prompt_index": i}`` one index for every row; ``reset_mask`` (all
-    True). Any other key raises ValueError. There is no autoreset (``metadata["autoreset_mode"] == AutoresetMode.DISABLED``): a row that
-    finished stays done, ignores further actions and gets reward 0, and its ``terminations`` /
-    ``truncations`` keep their final values until the next ``reset()``. Partial resets are not supported.
+    True). Any other key raises ValueError. There is no autoreset
+    (``metadata["autoreset_mode"] == AutoresetMode.DISABLED``): a row that finished stays done, ignores
+    further actions and gets reward 0, and its ``terminations`` / ``truncations`` keep their final values
+    until the next ``reset()``. Partial resets are not supported.
 
     Observation: the single env's, batched: input_ids / attention_mask (N, P+T), lengths (N,).
     Actions: ``{"token": (N,), "logprob": (N,)}`` as numpy arrays or torch tensors (any device); entries of

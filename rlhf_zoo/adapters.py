@@ -9,6 +9,7 @@ state of the adapter, so ``--resume`` is exact; the final ``policy/`` is the mer
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ def prepare_policy(policy: torch.nn.Module, setup: dict[str, Any], model_options
     """Apply ``gradient_checkpointing`` and LoRA (``lora_r`` > 0) from a run's setup options.
     -> (policy to train, reference or None when the world should load its own)"""
     if setup.get("gradient_checkpointing"):
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # newer transformers 5.x: the old name warns
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = True  # sampling (in eval mode) still uses the KV cache
     r = int(setup.get("lora_r") or 0)
     if r <= 0:
@@ -37,11 +41,17 @@ def prepare_policy(policy: torch.nn.Module, setup: dict[str, Any], model_options
     targets = setup.get("lora_target_modules") or "all-linear"
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = any(isinstance(m, Conv1D) for m in policy.modules())  # GPT-2 keeps its linear weights transposed
     config = peft.LoraConfig(r=r, lora_alpha=float(setup.get("lora_alpha") or 2 * r),
                              lora_dropout=float(setup.get("lora_dropout") or 0.0), target_modules=targets,
-                             task_type="CAUSAL_LM", bias="none")
+                             task_type="CAUSAL_LM", bias="none", fan_in_fan_out=conv1d)
     try:
-        wrapped = peft.get_peft_model(policy, config)
+        with warnings.catch_warnings():  # peft reads transformers' `is_gradient_checkpointing`, which
+            # transformers 5 deprecates: a warning about peft's code, not the user's to act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapped = peft.get_peft_model(policy, config)
     except ValueError as e:
         raise ConfigError(f"--lora-target-modules {setup.get('lora_target_modules')!r}: {str(e).splitlines()[0]}") from None
     return wrapped, AdapterDisabled(wrapped)

@@ -122,7 +122,8 @@ def check_cmd(
     chat_template: str = typer.Option(None, help="A Jinja chat-template file that replaces the tokenizer's."),
     dataset: str = typer.Option(None, help="The --dataset of the algorithms that read one (sft, dpo, reward-model)."),
 ) -> None:
-    """Run the conformance kit (DESIGN.md section 8) on algorithms, third-party ones included."""
+    """Run the conformance kit on algorithms, third-party ones included: config, update, reference,
+    finite, determinism and checkpoint checks (docs/plugins.md, section 8)."""
     import tempfile
 
     from rlhf_zoo.conformance import check_algorithm, format_results

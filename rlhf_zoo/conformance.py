@@ -1,4 +1,4 @@
-"""The conformance kit: the invariants of DESIGN.md section 8 that hold for ANY algorithm, checked by
+"""The conformance kit: the invariants that hold for ANY algorithm (docs/plugins.md section 8), checked by
 running it. ``zoo check ALGO`` prints the checks; `rlhf_zoo.testing` offers them as a pytest fixture.
 
 The kit runs the algorithm's ``smoke`` preset (every algorithm must have one) through the real runner on

@@ -220,6 +220,9 @@ def write_datasets(out: str | Path, n: int = 64, seed: int = 0) -> dict[str, Pat
 
 def build_all(out: str | Path, *, architectures: tuple[str, ...] = ARCHITECTURES, pretrain_steps: int = 60,
               rm_steps: int = 60) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Writing model shards" bars
     out = Path(out)
     for arch in architectures:
         build_policy(arch, out / arch, pretrain_steps=pretrain_steps)

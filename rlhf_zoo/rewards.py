@@ -10,7 +10,8 @@ three forms, tried in this order:
      ``completion_ids`` (token ids, EOS excluded). The module is imported from the current directory
      first, then from the installed packages;
   2. the name of a registered reward function (``zoo list``): a plugin's ``factory(world)`` returns such
-     a callable;
+     a callable (or one of the token protocol ``(input_ids, attention_mask, prompt_length) -> (B,)``,
+     which then reads the policy's tokens);
   3. a path or Hugging Face Hub id of a sequence-classification reward model (one label) with its own
      tokenizer. When that tokenizer is the policy's, the model scores the policy's token ids as they are
      (exactly what ``zoo run reward-model`` trained it on); otherwise the decoded text is tokenised again
@@ -48,6 +49,7 @@ class ScoreBatch:
     completion_ids: list[list[int]]
     input_ids: torch.Tensor | None = None  # (B, P + T) the policy's tokens, when they exist
     attention_mask: torch.Tensor | None = None
+    prompt_width: int = 0  # P
 
 
 @dataclass
@@ -98,6 +100,30 @@ def import_callable(spec: str, option: str) -> TextReward:
     if not callable(obj):
         raise ConfigError(f"{option} {spec!r}: {attr!r} is not callable")
     return obj
+
+
+def _token_scorer(fn: Any, world: Any, option: str, spec: str) -> Callable[[ScoreBatch], torch.Tensor]:
+    """A registered reward function of the token protocol ``(input_ids, attention_mask, prompt_length)``."""
+    def score(batch: ScoreBatch) -> torch.Tensor:
+        ids, mask = batch.input_ids, batch.attention_mask
+        if ids is None:  # text only (a gold evaluation): encode it as the policy would see it
+            p_ids, p_mask = world.encode_prompts(batch.prompt_texts)
+            r_ids, r_mask = world.encode_responses(batch.completions)
+            ids, mask, width = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
+        else:
+            width = batch.prompt_width
+        return _check_values(fn(ids, mask, width).tolist(), len(batch.completions), option, spec)
+
+    return score
+
+
+def _takes_tokens(fn: Any) -> bool:
+    import inspect
+
+    try:
+        return "input_ids" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _function_scorer(fn: TextReward, option: str, spec: str) -> Callable[[ScoreBatch], torch.Tensor]:
@@ -188,7 +214,8 @@ def build_term(spec: str, weight: float, option: str, world: Any, device: torch.
         return RewardTerm(spec, weight, "function", _function_scorer(import_callable(spec, option), option, spec))
     if registry is not None and spec in registry.reward_functions and not is_local(spec):
         fn = registry.reward_functions[spec].factory(world)
-        return RewardTerm(spec, weight, "function", _function_scorer(fn, option, spec))
+        scorer = _token_scorer(fn, world, option, spec) if _takes_tokens(fn) else _function_scorer(fn, option, spec)
+        return RewardTerm(spec, weight, "function", scorer)
     options = getattr(world, "model_options", None)
     kwargs = {"options": options} if options is not None else {}
     tokenizer = load_tokenizer(spec, option, trust_remote_code=bool(options and options.trust_remote_code))
@@ -226,7 +253,7 @@ class CombinedReward:
         completion_ids = [[i for i, m in zip(row, ms, strict=True) if m and i != w.eos_token_id]
                           for row, ms in zip(r_ids.tolist(), r_mask.tolist(), strict=True)]
         batch = ScoreBatch([w.original_prompt(t) for t in texts], texts, w.decode(r_ids, r_mask), completion_ids,
-                           input_ids, attention_mask)
+                           input_ids, attention_mask, prompt_length)
         return self._score(batch, input_ids.device)
 
     @torch.no_grad()

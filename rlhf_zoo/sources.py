@@ -60,6 +60,12 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def hub_kwargs() -> dict[str, Any]:
+    """Keywords of ``from_pretrained``: the local cache only while offline. HF_HUB_OFFLINE is read now, not
+    when huggingface_hub was imported (which is all it reads), so setting it in a running process counts."""
+    return {"local_files_only": True} if offline() else {}
+
+
 def _explain(option: str, source: str, what: str, exc: BaseException) -> ConfigError:
     """A one-line error for a source that cannot be loaded."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
@@ -85,7 +91,7 @@ def load_tokenizer(source: str | Path, option: str = "--tokenizer", trust_remote
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(_resolve(source), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(_resolve(source), trust_remote_code=trust_remote_code, **hub_kwargs())
     except (OSError, ValueError, KeyError, TypeError, ImportError) as e:
         raise _explain(option, str(source), "a tokenizer", e) from None
     if tok.eos_token_id is None:
@@ -104,7 +110,7 @@ def load_model(auto_cls: Any, source: str | Path, option: str, device: torch.dev
     device = torch.device(device)
     dtype = torch.float32 if trainable else options.frozen_dtype(device)
     path = _resolve(source)
-    common = dict(trust_remote_code=options.trust_remote_code, dtype=dtype, **kwargs)
+    common = dict(trust_remote_code=options.trust_remote_code, dtype=dtype, **hub_kwargs(), **kwargs)
     try:
         try:
             model = auto_cls.from_pretrained(path, use_safetensors=True, attn_implementation=options.attn_implementation,
@@ -136,7 +142,8 @@ def load_sequence_classifier(source: str | Path, option: str, device: torch.devi
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
-        config = AutoConfig.from_pretrained(_resolve(source), trust_remote_code=options.trust_remote_code)
+        config = AutoConfig.from_pretrained(_resolve(source), trust_remote_code=options.trust_remote_code,
+                                            **hub_kwargs())
     except (OSError, ValueError, KeyError) as e:
         raise _explain(option, str(source), "a model config", e) from None
     if getattr(config, "num_labels", 1) != 1:

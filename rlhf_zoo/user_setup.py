@@ -126,12 +126,13 @@ class UserSetup(World):
     def model_config(self) -> Any:
         from transformers import AutoConfig
 
-        from rlhf_zoo.sources import _explain, _resolve
+        from rlhf_zoo.sources import _explain, _resolve, hub_kwargs
 
         if not is_source_path(self.model):  # a model object
             return self.model.config
         try:
-            return AutoConfig.from_pretrained(_resolve(self.model), trust_remote_code=self.model_options.trust_remote_code)
+            return AutoConfig.from_pretrained(_resolve(self.model), trust_remote_code=self.model_options.trust_remote_code,
+                                              **hub_kwargs())
         except (OSError, ValueError, KeyError) as e:
             raise _explain("--model", self.model, "a model config", e) from None
 
@@ -142,9 +143,11 @@ class UserSetup(World):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "model": source_name(self.model),
                 "tokenizer": source_name(self.tokenizer_source or self.model),
-                "ref_model": source_name(self.ref_model or self.model), "rewards": [source_name(r) for r in self.rewards],
+                "ref_model": source_name(self.ref_model or self.model),
+                "rewards": [source_name(r) for r in self.rewards],
                 "reward_weights": list(self.reward_weights) or [1.0] * len(self.rewards),
-                "gold": source_name(self.gold_spec), "prompts": source_name(self.prompts_source), "ptx_dataset": self.ptx_dataset, "chat_template": self.chat_template,
+                "gold": source_name(self.gold_spec), "prompts": source_name(self.prompts_source),
+                "ptx_dataset": self.ptx_dataset, "chat_template": self.chat_template,
                 "eval_fraction": self.eval_fraction, "dtype": self.model_options.dtype,
                 "critic_init_for_ppo": self.critic_origin(),
                 "attn_implementation": self.model_options.attn_implementation,
@@ -161,6 +164,11 @@ class UserSetup(World):
             except OSError as e:
                 raise ConfigError(f"--chat-template {self.chat_template!r}: cannot be read ({e.strerror or e})") from None
         return tok
+
+    def tokenizer_origin(self) -> str:
+        if self.tokenizer_source is not None:
+            return f"--tokenizer {source_name(self.tokenizer_source)!r}"
+        return f"--model {source_name(self.model)!r}"
 
     # --- prompts --------------------------------------------------------------------------------------
     @cached_property
@@ -179,8 +187,8 @@ class UserSetup(World):
         self._originals = {text: original for text, original in pairs}
         texts = list(dict.fromkeys(text for text, _ in pairs))  # unique, in file order
         if len(texts) < 2:
-            raise DataError(f"{source_name(self.prompts_source or self.dataset_source)}: {len(texts)} distinct prompt(s); at least 2 "
-                            "are needed (one or more held out for evaluation)")
+            raise DataError(f"{source_name(self.prompts_source or self.dataset_source)}: {len(texts)} distinct "
+                            "prompt(s); at least 2 are needed (one or more held out for evaluation)")
         order = np.random.default_rng(self.seed).permutation(len(texts))
         n_eval = max(1, int(round(len(texts) * self.eval_fraction)))
         held = set(order[:n_eval].tolist())
@@ -281,8 +289,8 @@ class UserSetup(World):
     def _check_vocab(self, model: Any, option: str) -> Any:
         rows = model.get_input_embeddings().weight.shape[0]
         if len(self.tokenizer) > rows:
-            raise ConfigError(f"{option} {source_name(self.model)!r}: the tokenizer has {len(self.tokenizer)} tokens but the model's "
-                              f"embedding only {rows} rows; use the tokenizer the model was trained with")
+            raise ConfigError(f"{option} {source_name(self.model)!r}: the tokenizer has {len(self.tokenizer)} tokens "
+                              f"but the model's embedding only {rows} rows; use the tokenizer the model was trained with")
         return model
 
     def load_policy(self, device: str | torch.device = "cpu") -> Any:

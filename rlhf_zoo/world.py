@@ -91,9 +91,13 @@ class World:
     def render_messages(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """A conversation as text through the tokenizer's chat template (the generation prompt added)."""
         if not getattr(self.tokenizer, "chat_template", None):
-            raise ConfigError(f"conversational rows need a chat template, and the tokenizer of {self.name!r} has "
-                              "none; use a tokenizer with one, or give --chat-template FILE")
+            raise ConfigError(f"conversational rows need a chat template, and the tokenizer of {self.tokenizer_origin()} "
+                              "has none; use a tokenizer with one, or give --chat-template FILE")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def tokenizer_origin(self) -> str:
+        """Where the tokenizer comes from, for messages (a user setup: the option and its value)."""
+        return repr(self.name)
 
     def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of prompts, with BOS exactly when the tokenizer's convention adds one."""

@@ -384,8 +384,8 @@ def test_bad_conversational_rows_without_chat_template(fx, tmp_path, capsys, bad
     args = ["--model", str(bad_dirs["no_template"]), option, str(fx / file), "--reward", "keyword_reward:reward"]
     assert zoo_run(algo, tmp_path / "r", *args) == 1
     line = one_line_error(capsys)
-    assert "chat template" in line and "--chat-template" in line
-    assert str(bad_dirs["no_template"]) in line or file in line  # names the tokenizer's model or the rows
+    assert f"the tokenizer of --model {str(bad_dirs['no_template'])!r} has none" in line
+    assert "--chat-template FILE" in line
 
 
 @pytest.mark.parametrize(("spec", "expected"), [
@@ -403,6 +403,22 @@ def test_bad_python_reward(fx, tmp_path, capsys, spec, expected):
 
 @pytest.mark.parametrize("option", ["--model", "--reward", "--tokenizer"])
 def test_bad_uncached_hub_id_offline(fx, tmp_path, capsys, monkeypatch, option):
+    """HF_HUB_OFFLINE set in the running process (huggingface_hub reads it only at import) still means the
+    local cache only: no host is even looked up."""
+    import socket
+
+    lookups: list[str] = []
+
+    def no_network(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(f"test: no network ({host})")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    try:  # huggingface_hub's telemetry fetches an agent registry once per process, even for the cache only
+        from huggingface_hub.utils import _detect_agent
+        monkeypatch.setattr(_detect_agent, "_registry", _detect_agent._EMPTY_REGISTRY)
+    except (ImportError, AttributeError):
+        pass
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub_id = "nobody/not-a-model-xyz"
     args = {"--model": ["--model", hub_id, "--reward", "keyword_reward:reward"],
@@ -411,6 +427,7 @@ def test_bad_uncached_hub_id_offline(fx, tmp_path, capsys, monkeypatch, option):
     assert zoo_run("ppo", tmp_path / "r", *args[option], "--prompts", str(fx / "prompts.jsonl")) == 1
     line = one_line_error(capsys)
     assert f"{option} {hub_id!r}" in line and "offline" in line and "cache" in line
+    assert lookups == []
 
 
 def test_bad_reward_weights_count(fx, tmp_path, capsys):

@@ -16,6 +16,18 @@ KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs.
+
+    Args:
+        logprobs: log pi(y_t | ...) of the POLICY that sampled the tokens (any shape).
+        ref_logprobs: log pi_ref(y_t | ...) of the REFERENCE at the same tokens (same shape).
+        estimator: ``k1`` (the log-ratio d), ``k2`` (d^2 / 2) or ``k3`` ((exp(-d) - 1) + d, unbiased and
+            never negative); see the module docstring.
+
+    Returns:
+        the estimate per token, same shape (mask it: padded positions are not meaningful). The
+        sequence KL is its sum over the response's tokens.
+    """
     d = logprobs - ref_logprobs
     if estimator == "k1":
         return d

@@ -11,6 +11,8 @@ from rlhf_zoo.ops.masking import masked_mean, masked_sum
 
 @dataclass
 class PolicyLoss:
+    """What `clipped_policy_loss` returns: the loss (with grad) and detached diagnostics (scalars)."""
+
     loss: torch.Tensor
     clipfrac: torch.Tensor  # fraction of tokens where the clipped term was active
     approx_kl: torch.Tensor  # k3 estimate of KL(old || new) over the minibatch
