@@ -340,9 +340,16 @@ class GenerationCore:
                                  "f(prompts, completions, **kwargs) -> list[float], or a list of these) or reward_fn=")
             return fn
         from rlhf_zoo.registry import get_registry
+        from rlhf_zoo.sources import is_local
 
+        registry = get_registry()
         specs = [reward] if isinstance(reward, str) or callable(reward) else list(reward)
-        return combine(specs, weights, "reward", self.task, self.device, get_registry())
+        for spec in specs:  # a built-in world runs offline: a bare word is a misspelt kind, not a hub id
+            if isinstance(spec, str) and ":" not in spec and spec not in registry.reward_functions and not is_local(spec):
+                raise ValueError(f"unknown reward {spec!r}; known: proxy, gold, a registered reward function "
+                                 f"({', '.join(sorted(registry.reward_functions)) or 'none'}), 'module:function', a "
+                                 "reward model directory, or a Python callable")
+        return combine(specs, weights, "reward", self.task, self.device, registry)
 
     def _set_prompt_table(self, split: str, prompt_width: int | None, own: bool) -> None:
         """The encoded prompts of ``split`` (the table `reset` draws from) and the prompt width P."""

@@ -110,11 +110,11 @@ def bench_cmd(
 @app.command("check")
 def check_cmd(
     algorithms: list[str] = typer.Argument(None, help="Algorithms to check (default: every registered one)."),
-    task: str = typer.Option(None, help="Task the smoke runs use [default: exact]; or give --model."),
+    task: str = typer.Option(None, help="Task the smoke runs use (default: exact); or give --model."),
     device: str = typer.Option("cpu", help="cpu, auto or cuda[:N]."),
     keep: Path = typer.Option(None, help="Keep the check runs in this directory (default: a temporary one)."),
     model: str = typer.Option(None, help="Check on your own model (directory or hub id) instead of a task."),
-    tokenizer: str = typer.Option(None, help="Tokenizer directory or hub id [default: the --model's]."),
+    tokenizer: str = typer.Option(None, help="Tokenizer directory or hub id (default: the --model's)."),
     reward: list[str] = typer.Option(None, help="A reward for the online algorithms (repeatable; as zoo run's)."),
     reward_weights: str = typer.Option(None, help="Comma-separated weights of the --reward terms."),
     prompts: str = typer.Option(None, help="Prompt rows for the online algorithms and the evaluation."),

@@ -45,9 +45,9 @@ import logging
 import math
 import numbers
 from collections import Counter
-from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from math import comb
 from pathlib import Path
 from typing import Any, Protocol

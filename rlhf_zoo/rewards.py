@@ -206,12 +206,15 @@ def build_term(spec: str, weight: float, option: str, world: Any, device: torch.
                           "directory or hub id, or a Python callable f(prompts, completions, **kwargs) -> list[float]")
     if is_callable_reward(spec):
         name = callable_name(spec)
-        return RewardTerm(name, weight, "function", _function_scorer(spec, option, name))
+        scorer = _token_scorer(spec, world, option, name) if _takes_tokens(spec) else _function_scorer(spec, option, name)
+        return RewardTerm(name, weight, "function", scorer)
     if not isinstance(spec, str):
         raise ConfigError(f"{option}: expected a reward spec (a reward model directory or hub id, a registered reward "
                           f"function, module:function) or a Python callable, got {type(spec).__name__}")
     if ":" in spec and not is_local(spec):
-        return RewardTerm(spec, weight, "function", _function_scorer(import_callable(spec, option), option, spec))
+        fn = import_callable(spec, option)
+        scorer = _token_scorer(fn, world, option, spec) if _takes_tokens(fn) else _function_scorer(fn, option, spec)
+        return RewardTerm(spec, weight, "function", scorer)
     if registry is not None and spec in registry.reward_functions and not is_local(spec):
         fn = registry.reward_functions[spec].factory(world)
         scorer = _token_scorer(fn, world, option, spec) if _takes_tokens(fn) else _function_scorer(fn, option, spec)

@@ -544,6 +544,8 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
         "tokens_per_second": round(tokens / wall, 1), "peak_memory_mb": round(peak_memory_mb(dev), 1),
         "generated_tokens": ctx.counters["generated_tokens"], "trained_tokens": ctx.counters["trained_tokens"],
+        "trainable_parameters": sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+        if isinstance(result, RewardModelResult) else sum(p.numel() for p in ctx.policy.parameters() if p.requires_grad),
         "phase_seconds": {k: round(v, 3) for k, v in ctx.phase_seconds.items()},
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

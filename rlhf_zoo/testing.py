@@ -11,7 +11,8 @@ and in a test::
 
 ``zoo_check(name, task="exact", device="cpu")`` runs `rlhf_zoo.conformance.check_algorithm` in a
 temporary directory and returns the results; skipped checks (e.g. checkpointing for an inference-only
-algorithm) do not fail.
+algorithm) do not fail. On a model of your own: ``zoo_check(name, setup={"model": DIR, "reward": ("mod:fn",),
+"prompts": FILE}, options={"dataset": FILE})`` (``options`` for the algorithms that read a ``dataset``).
 """
 
 from __future__ import annotations

@@ -399,6 +399,8 @@ def test_a_callable_reward_on_a_builtin_task(exact_task) -> None:
     np.testing.assert_allclose(info["rm_score"], want, atol=ATOL)
     np.testing.assert_allclose(ret, want, atol=ATOL)
     assert CALLS[-1][0] == exact_task.prompts("train")[:2]
+    with pytest.raises(ValueError, match="unknown reward 'prxy'; known: proxy, gold"):
+        ResponseGenVectorEnv(2, task=exact_task, reward="prxy")
 
 
 def test_prompts_as_a_dataset_and_the_all_split(root, envs) -> None:

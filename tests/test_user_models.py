@@ -204,6 +204,7 @@ def test_left_padded_batch_logprobs_equal_each_row_alone(fx, arch):
 
 # --- BOS exactly once ------------------------------------------------------------------------------------
 def test_bos_exactly_once_on_llama_plain_and_chat_text(fx):
+    from rlhf_zoo.data import RowPolicy, load_rankings, load_sft
     from rlhf_zoo.user_setup import UserSetup
 
     world = UserSetup(model=str(fx / "llama"), prompts_source=str(fx / "prompts_conv.jsonl"))
@@ -215,7 +216,12 @@ def test_bos_exactly_once_on_llama_plain_and_chat_text(fx):
     assert chat_text.startswith(tok.bos_token)  # the template writes BOS itself
     chat = world.prompt_token_ids([chat_text])[0]
     from_file = world.prompt_token_ids(world.prompts("train"))
-    for ids in [plain, chat, *from_file]:
+    # the prompts of conversational datasets as the algorithms read them (explicit and implicit prompts)
+    rankings = [r for f in ("conv", "conv_implicit") for r in load_rankings(fx / f"{f}.jsonl", RowPolicy(), world, 16)[0]]
+    demos = load_sft(fx / "demos_messages.jsonl", RowPolicy(), world, 16)[0]
+    from_data = world.prompt_token_ids([r.prompt for r in rankings] + [p for p, _ in demos])
+    assert len(from_data) == 3 * 64
+    for ids in [plain, chat, *from_file, *from_data]:
         assert ids[0] == bos and ids.count(bos) == 1, ids[:4]
     assert plain[1:] == tok("describe a dog:", add_special_tokens=False)["input_ids"]
     response = world.response_token_ids(["a dog sees the sea ."])[0]
@@ -282,6 +288,7 @@ def _metrics(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "time" not in k and "seconds" not in k} for r in rows]
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # PeftModel.from_pretrained's
 def test_lora_cli_run_saves_merged_policy_and_adapter_and_resumes_exactly(fx, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -322,6 +329,22 @@ def test_lora_cli_run_saves_merged_policy_and_adapter_and_resumes_exactly(fx, tm
     assert _metrics(full) == _metrics(resumed)
     assert _figures(json.loads((full / "summary.json").read_text())) == \
         _figures(json.loads((resumed / "summary.json").read_text()))
+
+
+@pytest.mark.parametrize(("algo", "arch", "data"), [("ppo", "gpt2", "--prompts prompts_conv.jsonl"),
+                                                    ("dpo", "llama", "--dataset conv.jsonl")])
+def test_lora_and_gradient_checkpointing_warn_nothing(fx, tmp_path, algo, arch, data):
+    """No deprecation or peft notice from the libraries on a LoRA run with gradient checkpointing."""
+    import warnings
+
+    option, file = data.split()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert zoo_run(algo, tmp_path / "r", "--model", str(fx / arch), option, str(fx / file), "--lora-r", "4",
+                       "--gradient-checkpointing", "--reward", "keyword_reward:reward") == 0
+    library = [f"{w.category.__name__}: {w.message}" for w in caught
+               if any(lib in w.filename for lib in ("transformers", "peft", "torch"))]
+    assert library == []
 
 
 # --- zoo check --model -----------------------------------------------------------------------------------
@@ -460,19 +483,21 @@ def trained_gpt2(tmp_path_factory) -> Path:
     """A GPT-2 pretrained long enough to write the corpus' sentences (and so, sometimes, the keyword)."""
     from rlhf_zoo.fixtures import build_policy
 
-    return build_policy("gpt2", tmp_path_factory.mktemp("gpt2-trained") / "gpt2", pretrain_steps=300)
+    return build_policy("gpt2", tmp_path_factory.mktemp("gpt2-trained") / "gpt2", pretrain_steps=150)
 
 
 @pytest.mark.slow
 def test_ppo_raises_a_python_keyword_reward(fx, trained_gpt2, tmp_path):
     out = tmp_path / "ppo"
     args = ["--model", str(trained_gpt2), "--reward", "keyword_reward:reward", "--prompts", str(fx / "prompts.jsonl"),
-            "--iterations", "30", "--eval-prompts", "8", "--eval-samples", "8", "--quiet", "--device", "cpu"]
+            "--iterations", "15", "--eval-prompts", "8", "--eval-samples", "8", "--quiet", "--device", "cpu"]
     assert main(["run", "ppo", *args, "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
-    # measured: baseline ~0.15 keyword per response; after 30 iterations ~1 (see the report); margin 0.3
-    assert s["proxy_reward"] > s["baseline_proxy_reward"] + 0.3, s
-    assert s["win_rate_vs_reference"] > 0.6
+    # Measured (seed 0, 1 thread, ~8 s): the reference says "happy" 0.08 times per response, the policy after
+    # 15 iterations 5.96 times (win rate 0.98; 3.33 from a GPT-2 pretrained 300 steps): a margin of 1.0 is
+    # far inside what PPO does and far outside the noise of 24 evaluation samples.
+    assert s["proxy_reward"] > s["baseline_proxy_reward"] + 1.0, s
+    assert s["win_rate_vs_reference"] > 0.75, s
 
 
 @pytest.mark.slow
@@ -483,6 +508,8 @@ def test_dpo_raises_the_margin_on_conversational_pairs(fx, trained_gpt2, tmp_pat
     assert main(["run", "dpo", *args, "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     first, last = rows[0], rows[-1]
-    assert abs(first["reward_margin"]) < 1e-3  # policy == reference at the first step
-    assert last["reward_margin"] > first["reward_margin"] + 0.5
-    assert last["reward_accuracy"] > 0.9 > first["reward_accuracy"]
+    # Measured (seed 0): margin 0 at the first step (policy == reference), 1.27 after 8 epochs (32 steps);
+    # accuracy 0 (ties) -> 1.0. A margin gain of 0.5 leaves room for other seeds and versions.
+    assert abs(first["reward_margin"]) < 1e-3
+    assert last["reward_margin"] > first["reward_margin"] + 0.5, last
+    assert last["reward_accuracy"] > 0.9 > first["reward_accuracy"], last
