@@ -156,16 +156,18 @@ class _Unreadable:
 
 
 # --- reading --------------------------------------------------------------------------------------------
-def read_rows(path: str | Path) -> list[tuple[int, Any]]:
+def read_rows(path: str | Path, option: str = "") -> list[tuple[int, Any]]:
     """(row number as in the file, row) for every row; a .jsonl line that is not JSON becomes a bad row
-    (reason ``invalid_json``), a file that cannot be read at all raises `DataError`."""
+    (reason ``invalid_json``), a file that cannot be read at all raises `DataError`. A path that does not
+    exist and looks like ``org/name[@split]`` is read from the Hugging Face Hub (or its local cache);
+    ``option`` (``--dataset``, ``--prompts``) is named in the errors about it."""
     given, path = str(path), Path(path)
     if not path.exists():
         hub_id, _, split = given.partition("@")
         if _hub_like(hub_id):
-            return _numbered(_read_hub(hub_id, split or "train"))
-        raise DataError(f"dataset {given!r} does not exist (not a file or directory, nor a Hugging Face Hub "
-                        "dataset id such as org/name[@split])")
+            return _numbered(_read_hub(hub_id, split or "train", option))
+        raise DataError(f"{option + ' ' if option else ''}dataset {given!r} does not exist (not a file or directory, "
+                        "nor a Hugging Face Hub dataset id such as org/name[@split])")
     suffix = path.suffix.lower()
     if path.is_dir():
         return _numbered(_read_saved(path))
@@ -225,18 +227,21 @@ def _hub_like(source: str) -> bool:
         and not Path(source).suffix
 
 
-def _read_hub(hub_id: str, split: str) -> list[Any]:
+def _read_hub(hub_id: str, split: str, option: str = "") -> list[Any]:
     """A Hub dataset's split (``org/name@split``, train by default), from the local cache when offline."""
     import datasets
 
-    try:
-        ds = datasets.load_dataset(hub_id, split=split)
-    except Exception as e:  # offline, unknown id, unknown split: one line naming the id
-        from rlhf_zoo.sources import offline
+    from rlhf_zoo.sources import offline
 
+    try:
+        if offline():  # datasets reads HF_HUB_OFFLINE at import only: say it again for this call
+            datasets.config.HF_HUB_OFFLINE = True
+        ds = datasets.load_dataset(hub_id, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: one line naming the option and the id
         why = "the machine is offline (HF_HUB_OFFLINE is set) and it is not in the local cache" if offline() \
             else "it could not be loaded"
-        raise DataError(f"dataset {hub_id!r} (split {split!r}): not a local path, and {why} ({_first_line(e)})") from None
+        raise DataError(f"{option + ' ' if option else ''}dataset {hub_id!r} (split {split!r}): not a local path, and "
+                        f"{why} ({_first_line(e)})") from None
     return list(ds)
 
 
@@ -690,7 +695,7 @@ def load_rankings(path: str | Path, options: RowOptions, task: Any, max_new_toke
                   same_k: bool = False) -> tuple[list[Ranking], DataReport]:
     """Read and validate a ranking file (a path or a Hub dataset id) with the world's tokenizer, chat
     template and the run's length caps."""
-    out = validate_rankings(read_rows(path), options, source=_name(path), tokenizer=task.tokenizer,
+    out = validate_rankings(read_rows(path, "--dataset"), options, source=_name(path), tokenizer=task.tokenizer,
                             caps=length_caps(task, max_new_tokens), same_k=same_k, render=_render(task))
     out[1].path = str(path)
     return out
@@ -700,7 +705,7 @@ def load_sft(path: str | Path, options: RowOptions, task: Any,
              max_new_tokens: int) -> tuple[list[tuple[str, str]], DataReport]:
     """Read and validate a prompt/completion (or messages) file with the world's tokenizer and the run's
     length caps."""
-    out = validate_sft(read_rows(path), options, source=_name(path), tokenizer=task.tokenizer,
+    out = validate_sft(read_rows(path, "--dataset"), options, source=_name(path), tokenizer=task.tokenizer,
                        caps=length_caps(task, max_new_tokens), render=_render(task))
     out[1].path = str(path)
     return out
@@ -709,7 +714,7 @@ def load_sft(path: str | Path, options: RowOptions, task: Any,
 def load_prompts(path: str | Path, options: RowOptions, task: Any,
                  max_new_tokens: int) -> tuple[list[tuple[str, Any]], DataReport]:
     """Read and validate a prompt-only file: (prompt text, prompt as given) per kept row."""
-    out = validate_prompts(read_rows(path), options, source=_name(path), tokenizer=task.tokenizer,
+    out = validate_prompts(read_rows(path, "--prompts"), options, source=_name(path), tokenizer=task.tokenizer,
                            caps=length_caps(task, max_new_tokens), render=_render(task))
     out[1].path = str(path)
     return out

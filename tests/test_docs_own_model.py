@@ -1,5 +1,5 @@
 """docs/your-own-model.md runs as written: its bash blocks as one script from an empty directory (the
-first block builds the model and data offline), then its Python block where the script ended."""
+first block builds the model and data offline), then its Python blocks where the script ended."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_the_doc_has_the_pipeline_and_a_python_block():
                  "zoo run ppo --model", "zoo run best-of-n --model", "zoo run dpo --model", "--lora-r",
                  "--nproc 2", "zoo bench --suite"):
         assert step in script, step
-    assert len(blocks("python")) == 1
+    assert len(blocks("python")) == 2
 
 
 @pytest.mark.slow
@@ -43,7 +43,9 @@ def test_every_command_in_the_doc_runs_verbatim(tmp_path):
     assert ppo["proxy_reward"] > ppo["baseline_proxy_reward"]  # PPO raised the reward it was trained on
     assert (end / "runs" / "dpo-lora" / "adapter" / "adapter_config.json").is_file()
     assert (end / "bench-mine" / "report.md").is_file()
-    proc = subprocess.run([sys.executable, "-c", blocks("python")[0]], cwd=end, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "<|assistant|>" in proc.stdout  # the saved tokenizer's chat template rendered the prompt
+    loading, environment = (subprocess.run([sys.executable, "-c", b], cwd=end, env=env, capture_output=True,
+                                           text=True, timeout=300) for b in blocks("python"))
+    assert loading.returncode == 0, loading.stderr[-3000:]
+    assert "<|assistant|>" in loading.stdout  # the saved tokenizer's chat template rendered the prompt
+    assert environment.returncode == 0, environment.stderr[-3000:]
+    assert "tensor(" in environment.stdout
