@@ -575,6 +575,8 @@ def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
         out["win_rate_vs_reference"] = win_rate(scores, baseline_scores)
     out["generated_tokens"] = final["generated_tokens"] + baseline["generated_tokens"]
     out["eval_prompts"] = len(prompts)
+    if getattr(task, "prompts_report", None):  # a user's --prompts file: rows read, dropped, truncated
+        out["prompts_file"] = task.prompts_report
     out["examples"] = final.get("examples", [])
     out.update(policy.extra_metrics())
     return out

@@ -47,13 +47,13 @@ DATASET_OPTIONS = {"pretrain": "--ptx-dataset", "sft": "--dataset", "pairs": "--
 class UserSetup(World):
     """See the module docstring. Models, tokenizer and rewards load on first use."""
 
-    model: str
-    tokenizer_source: str | None = None
-    ref_model: str | None = None
-    rewards: tuple[str, ...] = ()
+    model: Any  # a directory, a Hub id, or a loaded causal LM (the environments take objects)
+    tokenizer_source: Any = None  # likewise a tokenizer object
+    ref_model: Any = None
+    rewards: tuple[Any, ...] = ()  # specs (`rlhf_zoo.rewards`) or Python callables
     reward_weights: tuple[float, ...] = ()
     gold_spec: str | None = None
-    prompts_source: str | None = None
+    prompts_source: Any = None  # a file, a Hub id, a list of prompts or a datasets.Dataset
     dataset_source: str | None = None  # the algorithm's --dataset: prompts when --prompts is not given
     ptx_dataset: str | None = None
     chat_template: str | None = None
@@ -215,6 +215,11 @@ class UserSetup(World):
         except DataError:
             pairs = validate_sft(rows, options, source=str(source), render=self.render_messages)[0]
             return [(p, p) for p, _ in pairs]
+
+    @property
+    def prompts_report(self) -> dict[str, Any] | None:
+        """What validating the ``--prompts`` file did (rows, dropped, truncated), once it is read."""
+        return self._prompt_report or None
 
     def prompts(self, split: str) -> list[str]:
         if split not in ("train", "eval"):
