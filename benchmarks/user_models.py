@@ -23,6 +23,7 @@ from pathlib import Path
 
 REWARD = ["--reward", "keyword_reward:reward"]
 PROMPTS = ["--prompts", "prompts_conv.jsonl"]
+EVAL = ["--eval-prompts", "64", "--eval-samples", "4"]  # every run and its baseline scored alike
 RUNS = {  # algorithm -> its data options
     "sft": ["--dataset", "demos_messages.jsonl", *REWARD, *PROMPTS],
     "reward-model": ["--dataset", "conv.jsonl"],
@@ -49,7 +50,7 @@ def main() -> None:
         build_policy("gpt2", tmp / "gpt2")
         write_datasets(tmp)
         for algo, options in RUNS.items():
-            cmd = [sys.executable, "-m", "rlhf_zoo", "run", algo, "--model", "gpt2", *options, "--preset", "quick",
+            cmd = [sys.executable, "-m", "rlhf_zoo", "run", algo, "--model", "gpt2", *options, "--preset", "quick", *EVAL,
                    "--quiet", "--out", f"runs/{algo}"]
             start = time.perf_counter()
             proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)

@@ -100,11 +100,10 @@ def is_peft(model: Any) -> bool:
 
 def merged_for_saving(model: Any, adapter_dir: Path | None) -> Any:
     """A plain transformers model to save: a peft model's adapter saved to ``adapter_dir``, then merged
-    into a copy of the base weights (the policy in memory keeps its adapter)."""
+    into the base weights IN PLACE (no second copy of a large model; the run is over when it saves, and
+    the adapter is on disk)."""
     if not is_peft(model):
         return model
-    import copy
-
     if adapter_dir is not None:
         model.save_pretrained(adapter_dir)
-    return copy.deepcopy(model).merge_and_unload()
+    return model.merge_and_unload()

@@ -522,6 +522,8 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
         raise NonFiniteError(f"{algo.name} iteration {ctx.iteration}: {e}; run stopped, {kept}") from None
     train_seconds = time.perf_counter() - train_start
+    trained = result.model if isinstance(result, RewardModelResult) else ctx.policy  # (before a LoRA merge)
+    trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     for key in ("generated_tokens", "trained_tokens"):  # counters are per rank: the run's are their sum
         count = torch.tensor(float(ctx.counters[key]), dtype=torch.float64, device=ctx.device)
         ctx.counters[key] = int(ctx.dist.sum(count).item())
@@ -544,8 +546,7 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         "wall_seconds": round(wall, 3), "train_seconds": round(train_seconds, 3),
         "tokens_per_second": round(tokens / wall, 1), "peak_memory_mb": round(peak_memory_mb(dev), 1),
         "generated_tokens": ctx.counters["generated_tokens"], "trained_tokens": ctx.counters["trained_tokens"],
-        "trainable_parameters": sum(p.numel() for p in result.model.parameters() if p.requires_grad)
-        if isinstance(result, RewardModelResult) else sum(p.numel() for p in ctx.policy.parameters() if p.requires_grad),
+        "trainable_parameters": trainable,
         "phase_seconds": {k: round(v, 3) for k, v in ctx.phase_seconds.items()},
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
