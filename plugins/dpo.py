@@ -35,13 +35,28 @@ Implementation details:
      trains on its shard, in micro-batches of ``micro_batch_size``; each micro-batch's loss is its sum over
      the WHOLE batch's pair (and chosen-token) count (`rlhf_zoo.distributed`), so N ranks x M micro-batches
      take the same step as one forward of the whole batch.
+ 10. SFT-then-DPO (``sft_steps`` > 0; the DPO paper, sec. 4, "DPO outline": when the preference data was
+     not sampled from the reference, first fine-tune on the preferred responses). Before the loop the policy is fine-tuned
+     for ``sft_steps`` steps on the chosen response of every pair it will train on (the kept pairs, with
+     their multiplicity: a response chosen in several pairs counts that often; the same tokens DPO scores,
+     loss on the response; `rlhf_zoo.training.train_lm`, AdamW, warmup then cosine decay, as ``zoo run
+     sft``). A frozen copy of that model then replaces ``ctx.reference``: the reference log-probs, the DPO
+     loss (ln 2 at the first step: policy == reference) and the final evaluation's ``baseline_*`` figures
+     and KL are all against it, and summary.json says so (``reference_model``, ``sft_on_chosen``: its
+     steps, losses and the chosen responses' token NLL before and after). The phase is not part of the
+     checkpointed loop: it is a deterministic function of the starting weights, the pairs and the seed, so
+     ``--resume`` runs it again (``sft_steps`` steps of extra work) and the checkpoint's DPO state then
+     overwrites the policy; on CPU the resumed run is bit-identical (a GPU's non-deterministic kernels can
+     change the last bits of the re-run phase, as they do for any GPU run). Its steps are not rows of
+     metrics.jsonl, whose iterations stay the DPO steps.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +69,7 @@ from rlhf_zoo.ops import masked_sum, response_logprobs
 from rlhf_zoo.ops.ranking import pair_indices
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
-from rlhf_zoo.training import Shuffler, backward, optimizer_step
+from rlhf_zoo.training import Shuffler, backward, lm_row, optimizer_step, train_lm
 
 LOGPROB_TEMPERATURE = 1.0  # DPO's objective is on pi itself, whatever the sampling temperature
 MAX_GRAD_NORM = 1.0
@@ -67,6 +82,8 @@ class DPOConfig(DatasetConfig):
         "quick": {"epochs": 1, "eval_prompts": 64},
         # tuned on ``exact``: long, large-batch, anchored by the chosen NLL (implementation detail 8)
         "rpo": {"rpo_alpha": 0.1, "learning_rate": 5e-3, "batch_size": 512, "epochs": 15},
+        # quick, after 100 steps of SFT on the chosen responses (implementation detail 10)
+        "quick-sft": {"epochs": 1, "eval_prompts": 64, "sft_steps": 100},
         "smoke": {"steps": 2, "batch_size": 8, "max_pairs": 16, "warmup_steps": 0, "eval_prompts": 2,
                   "eval_samples": 1},
     }
@@ -88,11 +105,17 @@ class DPOConfig(DatasetConfig):
     max_pairs: int = option(0, "Use the first max_pairs pairs (0: all).")
     micro_batch_size: int = option(0, "Pairs per forward/backward, gradients accumulated over a step's "
                                       "micro-batches (0: a rank's whole share of the batch at once).")
+    sft_steps: int = option(0, "SFT-then-DPO, for pairs not sampled from the reference: first fine-tune the policy for N "
+                               "steps on the chosen responses of the pairs (loss on the response), then run DPO from "
+                               "that model with a frozen copy of it as the reference (the final evaluation's baseline "
+                               "too; summary.json says so). --resume runs this phase again. 0: off.")
+    sft_batch_size: int = option(64, "Chosen responses per step of the --sft-steps phase.")
+    sft_learning_rate: float = option(1e-3, "Peak learning rate of the --sft-steps phase (AdamW, warmup then cosine decay).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "epochs", "batch_size", "learning_rate")
-        for name in ("steps", "warmup_steps", "max_pairs", "rpo_alpha", "micro_batch_size"):
+        check_positive(self, "epochs", "batch_size", "learning_rate", "sft_batch_size", "sft_learning_rate")
+        for name in ("steps", "warmup_steps", "max_pairs", "rpo_alpha", "micro_batch_size", "sft_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.beta is not None and not self.beta > 0:
@@ -155,9 +178,9 @@ def load_pairs_with_report(task, cfg: DPOConfig) -> tuple[list[tuple[str, str, s
 class DPOPolicy(ModelPolicy):
     """The trained policy; its data figures (pairs used, identical pairs dropped) go to summary.json."""
 
-    data_metrics: dict[str, int] = field(default_factory=dict)
+    data_metrics: dict[str, Any] = field(default_factory=dict)
 
-    def extra_metrics(self) -> dict[str, int]:
+    def extra_metrics(self) -> dict[str, Any]:
         return dict(self.data_metrics)
 
 
@@ -222,14 +245,60 @@ def reference_logprobs(reference, pairs: Pairs, suppress_ids) -> tuple[torch.Ten
     return chosen, rejected
 
 
+def chosen_rows(pairs: Pairs) -> list:
+    """One `rlhf_zoo.training.LMRow` per pair: its prompt and chosen response, exactly the tokens DPO scores
+    (prompt with BOS by the tokenizer's rule, response cut at the length cap, EOS included), loss on the response."""
+    rows = []
+    for p_ids, p_mask, c_ids, c_mask in zip(pairs.prompt_ids.tolist(), pairs.prompt_mask.tolist(),
+                                            pairs.chosen_ids.tolist(), pairs.chosen_mask.tolist(), strict=True):
+        rows.append(lm_row([t for t, m in zip(p_ids, p_mask, strict=True) if m],
+                           [t for t, m in zip(c_ids, c_mask, strict=True) if m]))
+    return rows
+
+
+def sft_on_chosen(policy: torch.nn.Module, pairs: Pairs, task, cfg: DPOConfig, seed: int, progress: bool = False,
+                  on_step=None) -> list[float]:
+    """Fine-tune ``policy`` in place for ``cfg.sft_steps`` steps on the pairs' chosen responses (implementation
+    detail 10): a deterministic function of the weights, the pairs and ``seed``. Returns every step's loss."""
+    return train_lm(policy, chosen_rows(pairs), pad_id=task.pad_token_id, steps=cfg.sft_steps,
+                    batch_size=cfg.sft_batch_size, lr=cfg.sft_learning_rate, seed=seed, desc="sft on chosen",
+                    suppress_ids=task.suppress_ids, progress=progress, on_step=on_step)
+
+
+def _chosen_nll(logprobs_chosen: torch.Tensor, pairs: Pairs) -> float:
+    """Mean token NLL of the chosen responses from their sequence log-probs (N,)."""
+    return float(-logprobs_chosen.sum() / pairs.chosen_mask.sum())
+
+
 def train(ctx, cfg: DPOConfig) -> DPOPolicy:
     task, policy, beta = ctx.task, ctx.policy, ctx.beta
     # 1) data: tokenise once, count and drop pairs that carry no preference
     texts, data_report = load_pairs_with_report(task, cfg)
     pairs, identical = encode_pairs(task, texts, ctx.max_new_tokens, ctx.device)
+    sft_metrics: dict = {}
+    if cfg.sft_steps:  # SFT-then-DPO (implementation detail 10): the SFT'd model is the start and the reference
+        with ctx.phase("sft"):
+            policy.eval()
+            nll_before = _chosen_nll(reference_logprobs(policy, pairs, task.suppress_ids)[0], pairs)
+
+            def count(step: int, loss: float, tokens: int) -> None:
+                if ctx.dist.is_main:  # every rank trains on the whole batch: count its tokens once
+                    ctx.counters["trained_tokens"] += tokens
+
+            losses = sft_on_chosen(policy, pairs, task, cfg, ctx.seed, ctx.show_progress, count)
+            # the reference of the DPO loss AND of the runner's final evaluation (baseline_*, kl_to_ref)
+            ctx.reference = copy.deepcopy(policy).requires_grad_(False).eval()
     # 2) reference log-probs of the whole dataset, once
     with ctx.phase("reference"):
         ref_chosen, ref_rejected = reference_logprobs(ctx.reference, pairs, task.suppress_ids)
+    if cfg.sft_steps:
+        sft_metrics = {
+            "reference_model": f"sft-on-chosen: the starting policy after {cfg.sft_steps} SFT steps on the pairs' "
+                               "chosen responses (the DPO reference; the baseline_* figures and kl_to_ref are its)",
+            "sft_on_chosen": {"steps": cfg.sft_steps, "batch_size": cfg.sft_batch_size,
+                              "learning_rate": cfg.sft_learning_rate, "rows": len(pairs), "first_loss": losses[0],
+                              "last_loss": losses[-1], "nll_chosen_before": nll_before,
+                              "nll_chosen_after": _chosen_nll(ref_chosen, pairs)}}
     # 3) optimiser and schedule: linear warmup, then linear decay to 0
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
@@ -271,7 +340,8 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
                        "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
                        "epoch": (step - 1) / per_epoch, "pairs": len(pairs), "identical_pairs": identical})
     policy.eval()
-    return DPOPolicy(policy, data_metrics={"pairs": len(pairs), "identical_pairs": identical, **data_report})
+    return DPOPolicy(policy, data_metrics={"pairs": len(pairs), "identical_pairs": identical, **data_report,
+                                           **sft_metrics})
 
 
 @hookimpl

@@ -94,6 +94,9 @@ class RunContext:
         task: the world (`rlhf_zoo.world.World`): a built-in task, or a user's own setup (``--model``).
         policy: a trainable copy of the starting (SFT) policy, on ``device`` (with LoRA: the adapted model).
         reference: the frozen reference policy (never updated; with LoRA: the base with adapters disabled).
+            An algorithm may replace it by a frozen model of its own before its loop (``dpo --sft-steps``:
+            the policy after SFT on the chosen responses); the final evaluation's ``baseline_*`` figures and
+            ``kl_to_ref`` use ``ctx.reference`` as it is when ``train`` returns.
         reward_fn: the reward the environment pays (task default: learned RM; gold on ``exact``; a user
             setup: its ``--reward`` terms summed). A world without a reward gives one that raises a
             one-line error when called, so algorithms that use none (sft, dpo) never need one.
@@ -559,6 +562,7 @@ def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
     cfg, task = ctx.config, ctx.task
     prompts = task.prompts("eval")[: cfg.eval_prompts]
     reward_fn = None if isinstance(ctx.reward_fn, MissingReward) else ctx.reward_fn
+    # ctx.reference as train left it: the world's, or one the algorithm put in its place (dpo --sft-steps)
     common = dict(task=task, reference=ctx.reference, reward_fn=reward_fn, prompts=prompts,
                   samples_per_prompt=cfg.eval_samples, max_new_tokens=ctx.max_new_tokens,
                   seed=ctx.seed + 10_000, beta=ctx.beta, missing_eos_penalty=task.missing_eos_penalty,
