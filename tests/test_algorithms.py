@@ -12,7 +12,8 @@ from rlhf_zoo.policy import ModelPolicy, RewardModelResult
 from rlhf_zoo.registry import get_registry
 from rlhf_zoo.runner import make_context
 
-BUILTINS = {"sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo", "rrhf", "rejection-sampling"}
+BUILTINS = {"sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo", "rrhf", "rejection-sampling", "rloo", "grpo",
+            "iterated-rlhf"}
 ALGORITHMS = sorted(get_registry().algorithms)
 
 

@@ -123,7 +123,7 @@ def test_suite_expand_is_seed_major_and_drops_a_sweep_value_equal_to_the_default
 
 def test_suite_files_quick_and_full_expand_with_valid_knobs():
     quick, full = load_suite("quick"), load_suite("full")
-    assert len(expand(quick, get_registry())) == 6 * 2 * 3
+    assert len(expand(quick, get_registry())) == 8 * 2 * 3
     specs = expand(full, get_registry())  # every sweep knob is a config field (else ConfigError)
     variants = {(s.algorithm, s.variant) for s in specs}
     assert {("ppo", "beta=0.3"), ("dpo", "beta=0.3"), ("best-of-n", "n=4"), ("rejection-sampling", "k=4"),

@@ -24,10 +24,11 @@ from rlhf_zoo.registry import (
     get_registry,
 )
 
-BUILTIN_ALGORITHMS = ("sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo", "rrhf", "rejection-sampling")
+BUILTIN_ALGORITHMS = ("sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo", "rrhf", "rejection-sampling",
+                      "rloo", "grpo", "iterated-rlhf")
 BUILTIN_TASKS = ("exact", "sentiment", "hh")
 BUILTIN_ENTRY_POINTS = {"sft", "reward-model", "best-of-n", "ppo", "dpo", "rrhf", "rejection-sampling", "tasks",
-                        "rewards"}
+                        "rewards", "rloo", "grpo", "iterated-rlhf"}
 PLUGIN_SITE = Path(__file__).parent / "fixtures" / "plugin_site"
 THIRD_PARTY_MODULES = ("zoo_example_plugin", "zoo_broken_plugin")
 

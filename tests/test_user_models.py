@@ -75,7 +75,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- every algorithm, architecture and data format ----------------------------------------------------
-ONLINE = ("ppo", "ppo-ptx", "rrhf", "rejection-sampling", "best-of-n")
+ONLINE = ("ppo", "ppo-ptx", "rrhf", "rejection-sampling", "best-of-n", "rloo", "grpo")
 
 
 def _matrix() -> list[tuple[str, str, str, str | None]]:
@@ -90,7 +90,16 @@ def _matrix() -> list[tuple[str, str, str, str | None]]:
         for j, algo in enumerate(ONLINE):
             rewards = ("keyword_reward:reward", "rm") if (i + j) % 2 == 0 else ("rm", "keyword_reward:reward")
             rows += [(algo, arch, "prompts", rewards[0]), (algo, arch, "prompts_conv", rewards[1])]
+        rows.append(("iterated-rlhf", arch, "prompts_conv" if i % 2 else "prompts", None))  # labels with --labeler
     return rows
+
+
+def test_the_matrix_covers_every_built_in_algorithm():
+    from rlhf_zoo.registry import get_registry
+
+    reg = get_registry()
+    built_in = {n for n in reg.algorithms if reg.provided_by[("algorithm", n)].distribution == "rlhf-zoo"}
+    assert built_in <= {row[0] for row in _matrix()}
 
 
 def _generates_causal_lm(path: Path, conversational: bool) -> None:
@@ -127,7 +136,9 @@ def _scores_sequence_classifier(path: Path) -> None:
                          ids=lambda v: v.replace(":reward", "") if isinstance(v, str) else str(v))
 def test_every_algorithm_runs_on_every_architecture_and_format(fx, tmp_path, algo, arch, data, reward):
     args = ["--model", str(fx / arch)]
-    if reward is None:
+    if algo == "iterated-rlhf":  # its own reward models, labelled by a Python labeler
+        args += ["--prompts", str(fx / f"{data}.jsonl"), "--labeler", "keyword_reward:reward"]
+    elif reward is None:
         args += ["--dataset", str(fx / f"{data}.jsonl")]
     else:
         args += ["--prompts", str(fx / f"{data}.jsonl"), "--reward", str(fx / reward) if reward == "rm" else reward]

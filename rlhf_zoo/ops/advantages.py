@@ -1,4 +1,5 @@
-"""Advantages and returns for token-level RL, and whitening.
+"""Advantages and returns for token-level RL, whitening, and the group baselines of the critic-free
+methods (RLOO, GRPO) over K responses per prompt.
 
 Time semantics: index t is the t-th response token; ``values[t]`` = V(s_t), the value of the state
 before emitting token t; ``rewards[t]`` = r_t, the reward for emitting it. Positions where ``mask`` is 0
@@ -65,3 +66,44 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         out = torch.where(mask.bool(), out + mean, out)
     return out
+
+
+def rloo_advantages(returns: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, RLOO).
+
+        A_i = R_i - 1/(K-1) sum_{j != i} R_j         (the baseline excludes the sample itself)
+
+    so the baseline does not depend on y_i and the policy gradient stays unbiased. Equal to
+    K/(K-1) (R_i - mean_j R_j).
+
+    Args:
+        returns: (B, K) the returns of K responses to each of B prompts (one prompt per row).
+    Returns:
+        (B, K) advantages; each row sums to 0.
+    """
+    K = returns.shape[-1]
+    if K < 2:
+        raise ValueError(f"the leave-one-out baseline needs K >= 2 responses per prompt, got K={K}")
+    return returns - (returns.sum(-1, keepdim=True) - returns) / (K - 1)
+
+
+def group_advantages(scores: torch.Tensor, normalize_std: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome-supervised advantages (Shao et al. 2024, DeepSeekMath sec. 4.1.2):
+
+        A_i = (r_i - mean(r)) / (std(r) + eps)     over the K responses to the same prompt
+
+    with the unbiased (K - 1) standard deviation, as TRL's GRPOTrainer; ``normalize_std=False`` gives
+    Dr. GRPO's r_i - mean(r) (Liu et al. 2025: dividing by the group's std up-weights prompts that are
+    too easy or too hard). A group of equal rewards gets exactly 0, and so does a group of one.
+
+    Args:
+        scores: (B, K) rewards of K responses to each of B prompts.
+    Returns:
+        (B, K) advantages (broadcast them to every token of the response).
+    """
+    # a group of equal rewards is exactly 0: (r - mean) can round to ~1e-8, which / (0 + eps) would inflate
+    tied = scores.amax(-1, keepdim=True) == scores.amin(-1, keepdim=True)
+    centred = torch.where(tied, torch.zeros_like(scores), scores - scores.mean(-1, keepdim=True))
+    if not normalize_std or scores.shape[-1] < 2:
+        return centred
+    return centred / (scores.std(-1, keepdim=True) + eps)
