@@ -21,7 +21,9 @@ round's reward model: how far the policy has moved off it, the distribution-shif
 ``rm_accuracy_after`` (the retrained one).
 
 ``--label-schedule upfront`` is the control: the same number of rankings, all labelled in round 1 from the
-starting policy, the reward model trained once, and the same RL iterations over the rounds.
+starting policy, the reward model trained once, and the same RL iterations over the rounds. From round 2
+it still labels a held-out fifth of a round's samples of the moved policy, for ``rm_accuracy_before``
+only (the fixed reward model's accuracy where the policy now is); nothing trains on those.
 
 Each round's inner run writes its metrics to ``rounds/round-N/`` of the run directory; the checkpoint
 after each round holds the policy, the reward model, every ranking and the RNGs, so ``--resume``
@@ -284,6 +286,16 @@ def train(ctx: Any, cfg: IteratedRLHFConfig) -> ModelPolicy:
             rm.load_state_dict(fresh.state_dict())
             figures["rm_accuracy_after"] = ranking_accuracy(rm, new_held, new_gold, task.pad_token_id)
             figures["new_rankings"] = len(rows)
+        else:  # upfront, later rounds: measure the fixed reward model on the moved policy's samples (these
+            # labels are for the figure only; nothing trains on them, so both schedules train on as many)
+            n_measure = max(1, round(cfg.prompts_per_round * HELDOUT_FRACTION))
+            idx = prompt_rng.choice(len(train_prompts), size=n_measure, replace=n_measure > len(train_prompts))
+            prompts = [train_prompts[i] for i in idx]
+            responses = _sample_round(ctx, policy, prompts, cfg.k)
+            orders, _, scores = labeler(prompts, responses)
+            rows = [RankingRow(p, task.response_token_ids([rs[i] for i in o]), [])
+                    for p, rs, o in zip(task.prompt_token_ids(prompts), responses, orders, strict=True)]
+            figures["rm_accuracy_before"] = ranking_accuracy(rm, rows, scores, task.pad_token_id)
         figures["rankings_total"] = len(rankings.round) + len(old)
         # (d) the online algorithm, from the current policy, against the new reward model
         inner = _inner_context(ctx, algo, inner_cfg, rm, r)

@@ -48,6 +48,7 @@ def test_upfront_labels_as_many_rankings_once(tmp_path):
     first, second = summary["rounds"]
     assert first["new_rankings"] == 16  # rounds x prompts_per_round, all from the starting policy
     assert "new_rankings" not in second and second["rankings_total"] == first["rankings_total"]
+    assert 0.0 <= second["rm_accuracy_before"] <= 1.0  # the fixed reward model, measured where the policy is now
 
 
 def test_conformance_kit_passes_including_exact_resume_across_rounds(tmp_path):
