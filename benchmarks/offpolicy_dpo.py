@@ -95,12 +95,11 @@ def chosen_nll(task, triples: list[tuple[str, str, str]], model) -> float:
 
 def evaluate_against_task_sft(task, policy_dir: Path, seed: int, eval_prompts: int, eval_samples: int) -> dict:
     """The saved policy evaluated as the runner does, but against the task's SFT policy."""
-    from transformers import AutoModelForCausalLM
-
     from rlhf_zoo.evaluation import evaluate
+    from rlhf_zoo.models import load_policy
     from rlhf_zoo.policy import ModelPolicy
 
-    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    model = load_policy(policy_dir)  # safetensors only
     out = evaluate(ModelPolicy(model), task, reference=task.load_reference("cpu"), reward_fn=task.reward_function(device="cpu"),
                    prompts=task.prompts("eval")[:eval_prompts], samples_per_prompt=eval_samples,
                    max_new_tokens=task.max_new_tokens, temperature=1.0, seed=seed + 10_000, beta=task.beta,
