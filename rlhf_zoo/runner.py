@@ -346,7 +346,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def make_context(
     algorithm: str,
     *,
-    task: str | None = DEFAULT_TASK,
+    task: str | None = None,
     seed: int = 0,
     out: str | Path = "runs/latest",
     device: str = "auto",
@@ -374,7 +374,7 @@ def make_context(
     setup = {k: v for k, v in (setup or {}).items() if v}  # options left unset (None, False, 0, empty) are absent
     if setup and "model" not in setup:
         raise ConfigError(f"--{next(iter(setup)).replace('_', '-')} applies to a run on your own model: give --model too")
-    if setup and task is not None and task != DEFAULT_TASK:
+    if setup and task is not None:
         raise ConfigError(f"--task {task!r} and --model {setup['model']!r} are two different worlds: give one")
     task = "user" if setup else (task or DEFAULT_TASK)
     task_spec = None if setup else registry.task(task)
