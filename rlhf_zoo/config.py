@@ -35,6 +35,8 @@ class AlgoConfig:
 
     eval_prompts: int = option(64, "Held-out prompts used for the final evaluation.")
     eval_samples: int = option(4, "Responses sampled per evaluation prompt.")
+    eval_every: int = option(0, "Also evaluate every N iterations (and before the first) on the same held-out "
+                                "prompts; figures go to metrics.jsonl as eval/* (0: only the final evaluation).")
     max_new_tokens: int = option(0, "Response length cap in tokens (0: the task's default).")
     temperature: float = option(1.0, "Sampling temperature (log-probs are taken at this temperature).")
 
@@ -44,6 +46,8 @@ class AlgoConfig:
         check_positive(self, "eval_prompts", "eval_samples", "temperature")
         if self.max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be >= 0 (0: only the final evaluation), got {self.eval_every}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], preset: str | None = None) -> AlgoConfig:

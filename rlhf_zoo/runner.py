@@ -70,6 +70,11 @@ SETUP_KEYS = ("model", "tokenizer", "ref_model", "reward", "reward_weights", "go
               "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
+#: the figures an ``--eval-every`` point logs (as ``eval/<name>``), where the world has them
+CURVE_FIGURES = ("gold_reward", "proxy_reward", "kl_to_ref", "kl_to_optimum", "frontier_efficiency",
+                 "frontier_reward_at_kl", "response_length", "eos_rate")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,12 +208,36 @@ class RunContext:
             start = self._restore(ckpt) + 1
         self._bar = tqdm(range(start, total + 1), initial=start - 1, total=total, desc=desc or self.algorithm.name,
                          disable=not self.show_progress, dynamic_ncols=True)
+        eval_every = self.config.eval_every
+        if eval_every and start == 1:  # the curve's first point: the starting policy
+            self.evaluate_now(0)
         for it in self._bar:
             self.iteration = it
             yield it
-            # the loop body of iteration ``it`` has finished: its state is complete, checkpoint it
+            # the loop body of iteration ``it`` has finished: its state is complete, evaluate and checkpoint it
+            if eval_every and (it % eval_every == 0 or it == total):
+                self.evaluate_now(it)
             if self._every and (it % self._every == 0 or it == total):
                 self.save_checkpoint(it)
+
+    def evaluate_now(self, iteration: int) -> None:
+        """``--eval-every``: evaluate the policy as it is now, on the final evaluation's prompts, samples
+        and seed (so every point of the curve is measured the same way, and the last equals the final
+        figure), and log the figures as ``eval/<name>`` in a metrics row of their own. Uses its own
+        random stream: a run with and without it trains identically."""
+        if not self.dist.is_main:
+            return
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with self.phase("eval_every"):
+                figures = evaluate(ModelPolicy(self.policy), temperature=self.config.temperature,
+                                   **evaluation_args(self))
+        finally:
+            self.policy.train(was_training)
+        self.counters["evaluations"] += 1
+        self.log(iteration, {f"eval/{k}": v for k, v in figures.items()
+                             if k in CURVE_FIGURES or (k.startswith("gold_") and isinstance(v, float))})
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         """Record one iteration: metrics.jsonl, the progress bar, plugin hooks, periodic checkpoints."""
@@ -525,6 +554,9 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
         raise NonFiniteError(f"{algo.name} iteration {ctx.iteration}: {e}; run stopped, {kept}") from None
     train_seconds = time.perf_counter() - train_start
+    if config.eval_every and not ctx._total and ctx.dist.is_main:
+        print(f"zoo: --eval-every {config.eval_every}: {algo.name} has no training iterations; only the final "
+              "evaluation ran", file=sys.stderr)
     trained = result.model if isinstance(result, RewardModelResult) else ctx.policy  # (before a LoRA merge)
     trainable = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     for key in ("generated_tokens", "trained_tokens"):  # counters are per rank: the run's are their sum
@@ -558,15 +590,22 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     return summary
 
 
+def evaluation_args(ctx: RunContext) -> dict[str, Any]:
+    """`evaluate`'s arguments but the policy and temperature: the same for the final evaluation, its
+    baseline and every ``--eval-every`` point. ctx.reference as it is now: the world's, or one the
+    algorithm put in its place (dpo --sft-steps)."""
+    cfg, task = ctx.config, ctx.task
+    reward_fn = None if isinstance(ctx.reward_fn, MissingReward) else ctx.reward_fn
+    return dict(task=task, reference=ctx.reference, reward_fn=reward_fn, prompts=task.prompts("eval")[: cfg.eval_prompts],
+                samples_per_prompt=cfg.eval_samples, max_new_tokens=ctx.max_new_tokens,
+                seed=ctx.seed + 10_000, beta=ctx.beta, missing_eos_penalty=task.missing_eos_penalty,
+                device=ctx.device)
+
+
 def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
     cfg, task = ctx.config, ctx.task
-    prompts = task.prompts("eval")[: cfg.eval_prompts]
-    reward_fn = None if isinstance(ctx.reward_fn, MissingReward) else ctx.reward_fn
-    # ctx.reference as train left it: the world's, or one the algorithm put in its place (dpo --sft-steps)
-    common = dict(task=task, reference=ctx.reference, reward_fn=reward_fn, prompts=prompts,
-                  samples_per_prompt=cfg.eval_samples, max_new_tokens=ctx.max_new_tokens,
-                  seed=ctx.seed + 10_000, beta=ctx.beta, missing_eos_penalty=task.missing_eos_penalty,
-                  device=ctx.device)
+    common = evaluation_args(ctx)
+    prompts = common["prompts"]
     final = evaluate(policy, temperature=cfg.temperature, **common)
     baseline = evaluate(ModelPolicy(ctx.reference), temperature=1.0, **common)
     out = dict(final)

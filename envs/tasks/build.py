@@ -36,7 +36,8 @@ from rlhf_zoo.models import new_causal_lm, reward_model_from_policy, tiny_llama_
 from rlhf_zoo.training import RankingRow, lm_row, ranking_accuracy, train_lm, train_reward_model
 from rlhf_zoo_envs.tasks import labelers
 
-BUILD_VERSION = 3
+BUILD_VERSION = 4  # 4: built with a fixed thread count (BUILD_THREADS), whatever the caller's
+BUILD_THREADS = 2  # intra-op threads of every build: float sums, hence the world, depend on the count
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 STAGE_STREAMS = {"pretrain": 1, "sft": 2, "prompts": 3, "rankings": 4, "labelers": 5, "train": 6}
 
@@ -99,7 +100,22 @@ def build_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
 
 
 def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path, progress: bool = True) -> dict:
-    """Build every artifact of a task into ``path`` (atomically). Returns the manifest."""
+    """Build every artifact of a task into ``path`` (atomically). Returns the manifest.
+
+    The build runs with `BUILD_THREADS` torch threads whatever the process's setting (restored after):
+    a reduction split over a different number of threads sums in a different order, and over hundreds
+    of training steps those last-bit differences change the sampled pairs and the reward models. With
+    the count fixed a seed gives the same world on every machine (of the same kernels), so a cache key
+    names one world."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _build(name, language, spec, seed, path, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(name: str, language: Any, spec: BuildSpec, seed: int, path: Path, progress: bool) -> dict:
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
     _remove_stale_builds(path)
@@ -109,7 +125,7 @@ def build_task(name: str, language: Any, spec: BuildSpec, seed: int, path: Path,
     timings: dict[str, float] = {}
     manifest: dict[str, Any] = {"task": name, "seed": seed, "build_version": BUILD_VERSION,
                                 "spec": dataclasses.asdict(spec), "timings_s": timings,
-                                "torch_threads": torch.get_num_threads()}
+                                "torch_threads": BUILD_THREADS}
     stages = ["tokenizer", "pretrain", "sft", "rankings", *[f"rm:{n}" for n in spec.reward_models]]
     bar = tqdm(total=len(stages), desc=f"building task {name!r}", disable=not progress)
     start = time.perf_counter()
