@@ -8,6 +8,7 @@ alone (Eq. 7):
     sigmoid: -log sigmoid(beta h)                                            (DPO, Eq. 7)
     cDPO:    -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)       (label smoothing; Mitchell 2023)
     ipo:     (h - 1 / (2 beta))^2                                            (Azar et al. 2023, Eq. 17)
+             ``ipo_logratio mean`` (TRL's IPO): each log-ratio divided by its own response's token count
     hinge:   max(0, 1 - beta h)                                              (SLiC-HF, Zhao et al. 2023)
     + rpo_alpha * mean token NLL of y_w    (optional; RPO, Pang et al. 2024; Liu et al. 2024)
 
@@ -49,6 +50,13 @@ Implementation details:
      overwrites the policy; on CPU the resumed run is bit-identical (a GPU's non-deterministic kernels can
      change the last bits of the re-run phase, as they do for any GPU run). Its steps are not rows of
      metrics.jsonl, whose iterations stay the DPO steps.
+ 11. IPO's log-ratios (``ipo_logratio``): ``sum`` (default) is Azar et al.'s h, on sequence log-probs like
+     the other variants, so beta means the same in every variant and the IPO results stay comparable with
+     the zoo's earlier runs; ``mean`` divides log(pi/pi_ref) of the chosen and of the rejected response by
+     that response's own token count (EOS included), as TRL's ``loss_type="ipo"`` does, for both the policy
+     and the reference. The target 1/(2 beta) is then a per-token margin: the same beta regularises more
+     weakly the longer the responses. The logged implicit rewards use the log-ratios the loss uses.
+     docs/decisions.md, "Loss conventions against peers", lists this and the zoo's other such choices.
 """
 
 from __future__ import annotations
@@ -93,6 +101,11 @@ class DPOConfig(DatasetConfig):
     beta: float | None = option(None, "KL coefficient beta (temperature of the implicit reward); default: the task's.")
     loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", "sigmoid (DPO), ipo (Azar et al.) or hinge (SLiC).")
     label_smoothing: float = option(0.0, "cDPO: probability eps that a label is flipped (sigmoid loss only), in [0, 0.5).")
+    ipo_logratio: Literal["sum", "mean"] = option(
+        "sum", "IPO only: each log-ratio log(pi/pi_ref) summed over its response's tokens (sum: Azar et al.'s h on "
+               "sequence log-probs, beta meaning what it means for sigmoid and hinge) or averaged over them (mean: "
+               "TRL's loss_type='ipo', chosen and rejected each by its own token count). The same beta is a "
+               "weaker regulariser under mean once responses are longer than one token.")
     epochs: int = option(3, "Passes over the pairs (used when steps is 0).")
     steps: int = option(0, "Optimizer steps; 0: epochs x batches per epoch.")
     batch_size: int = option(64, "Preference pairs per step (2 x batch_size sequences per forward).")
@@ -124,20 +137,35 @@ class DPOConfig(DatasetConfig):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             raise ConfigError(f"label_smoothing applies to loss_type 'sigmoid' only, got loss_type {self.loss_type!r}")
+        if self.ipo_logratio != "sum" and self.loss_type != "ipo":
+            raise ConfigError(f"ipo_logratio {self.ipo_logratio!r} applies to loss_type 'ipo' only, "
+                              f"got loss_type {self.loss_type!r}")
+
+    @property
+    def per_token_logratios(self) -> bool:
+        """Whether the loss averages each log-ratio over its response's tokens (implementation detail 11)."""
+        return self.loss_type == "ipo" and self.ipo_logratio == "mean"
 
 
 def dpo_loss(
     logprobs_chosen: torch.Tensor, logprobs_rejected: torch.Tensor, ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-    reduction: Literal["mean", "none"] = "mean",
+    reduction: Literal["mean", "none"] = "mean", chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preference loss over pairs, from sequence log-probs log pi(y|x) (all (B,)).
 
+    ``chosen_tokens``, ``rejected_tokens`` (B,): the responses' token counts; when given, each log-ratio
+    is divided by its own response's count (a per-token average, TRL's IPO; implementation detail 11).
+
     Returns:
         the loss (mean over pairs, or per pair (B,) with reduction "none"), and the implicit rewards
-        beta (log pi - log pi_ref) of chosen and rejected (B,), detached.
+        beta (log pi - log pi_ref) of chosen and rejected (B,), detached (per token when averaged).
     """
     chosen_ratio, rejected_ratio = logprobs_chosen - ref_chosen, logprobs_rejected - ref_rejected
+    if chosen_tokens is not None and rejected_tokens is not None:
+        chosen_ratio = chosen_ratio / chosen_tokens.clamp(min=1).to(chosen_ratio.dtype)
+        rejected_ratio = rejected_ratio / rejected_tokens.clamp(min=1).to(rejected_ratio.dtype)
     h = chosen_ratio - rejected_ratio  # (B,)
     if loss_type == "sigmoid":  # Eq. 7; cDPO mixes in the flipped label
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -320,8 +348,10 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
             local = ctx.dist.shard(idx)
             for micro in local.split(cfg.micro_batch_size or max(len(local), 1)):
                 chosen, rejected, tokens = pair_logprobs(policy, pairs, micro, task.suppress_ids)
+                counts = ((pairs.chosen_mask[micro].sum(-1), pairs.rejected_mask[micro].sum(-1))
+                          if cfg.per_token_logratios else (None, None))  # (b,) each: implementation detail 11
                 losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen[micro], ref_rejected[micro],
-                                                        beta, cfg.loss_type, cfg.label_smoothing, reduction="none")
+                                                        beta, cfg.loss_type, cfg.label_smoothing, "none", *counts)
                 loss = ctx.dist.mean_loss(losses.sum(), n_pairs)  # mean over the whole batch's pairs
                 if cfg.rpo_alpha:  # + alpha * mean token NLL of the whole batch's chosen responses
                     loss = loss + cfg.rpo_alpha * ctx.dist.mean_loss(-chosen.sum(), n_chosen_tokens)

@@ -9,7 +9,8 @@ with the LENGTH-NORMALISED log-likelihood (Eq. 1)
 The policy is trained to order its scores like the reward model does, and to imitate the best candidate:
 
     L_rank = sum_{r_i < r_j} max(0, p_i - p_j)                            (Eq. 2)
-    L_ft   = -1/|y_b| * sum_t log pi(y_b,t | x, y_b,<t),  b = argmax_i r_i  (Eq. 3, as a token mean)
+    L_ft   = -1/|y_b| * sum_t log pi(y_b,t | x, y_b,<t),  b = argmax_i r_i  (Eq. 3, as a token mean;
+                                                                            ft_reduction sum: Eq. 3 as written)
     L      = rank_weight * L_rank + ft_weight * L_ft [+ kl_coef * KL]      (Eq. 4: both weights 1)
 
 ``rank_weight = 0`` is the paper's ablation without the ranking loss: learning from best-of-N (fine-tune
@@ -65,13 +66,20 @@ Implementation details:
      beam:4 +0.06 / 1.9 (the most probable responses over-sharpen the policy); diverse-beam:4 +0.29 / 1.7;
      without the ranking loss (best-of-4) +0.31 / 0.77, so the ranking loss matters, as in the paper;
      IP-4 +0.39 / 0.34, with kl_coef 0.1 +0.37 / 0.30.
+  8. L_ft's reduction (``ft_reduction``): the paper's Eq. 3 sums the best candidate's token log-probs;
+     the authors' code takes the mean over the padded batch width (the sum divided by one width per
+     batch); the zoo's default is the mean over the best candidate's own tokens, the scale at which
+     ft_weight (detail 6) was tuned and the committed results were run. ``sum`` is Eq. 3 as written: the
+     fine-tune gradient then grows with the response length (about |y_b| times the mean's), so ft_weight
+     means something else. The ranking term's p_i is length-normalised in the paper and the code alike
+     (the code's length_penalty exponent defaults to 1), so it has no option.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -142,6 +150,10 @@ class RRHFConfig(AlgoConfig):
     learning_rate: float = option(1e-4, "AdamW learning rate (constant).")
     ft_weight: float = option(10.0, "Weight of the cross-entropy on the reward model's best candidate (paper: 1, "
                                     "which the hinge destabilises with online samples).")
+    ft_reduction: Literal["mean", "sum"] = option(
+        "mean", "How the cross-entropy on the best candidate reduces its tokens: mean (1/|y| sum over its tokens, "
+                "the scale ft_weight was tuned at) or sum (the paper's Eq. 3 as written; the gradient then grows "
+                "with the response length).")
     rank_weight: float = option(1.0, "Weight of the ranking (hinge) loss; 0 gives learning from best-of-N: only "
                                      "the cross-entropy on the best candidate.")
     rounds: int = option(0, "0: online, every iteration's candidates come from the current policy. n: IP-n, "
@@ -187,8 +199,9 @@ class RRHFConfig(AlgoConfig):
         return out
 
 
-def rrhf_loss(logprobs: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
-              ft_weight: float = 1.0, rank_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def rrhf_loss(logprobs: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor, ft_weight: float = 1.0,
+              rank_weight: float = 1.0, ft_reduction: Literal["mean", "sum"] = "mean",
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RRHF loss of B prompts with K candidates each.
 
     Args:
@@ -197,6 +210,8 @@ def rrhf_loss(logprobs: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
         scores: (B, K) reward-model scores r_i.
         ft_weight: weight of the cross-entropy on the best candidate.
         rank_weight: weight of the hinge ranking loss (0: learning from best-of-N).
+        ft_reduction: the cross-entropy's reduction over the best candidate's tokens, mean or sum
+            (implementation detail 8).
 
     Returns:
         the loss (mean over prompts) and detached statistics: rank_loss, ft_loss, correct_pairs (fraction of
@@ -207,7 +222,12 @@ def rrhf_loss(logprobs: torch.Tensor, mask: torch.Tensor, scores: torch.Tensor,
     rank = masked_sum(torch.relu(p[:, :, None] - p[:, None, :]), ordered, dim=(1, 2))  # (B,) Eq. 2
     best = scores.argmax(-1)  # (B,) first maximum on ties
     rows = torch.arange(scores.shape[0], device=scores.device)
-    ft = -masked_mean(logprobs[rows, best], mask[rows, best], dim=-1)  # (B,) Eq. 3
+    if ft_reduction == "mean":
+        ft = -masked_mean(logprobs[rows, best], mask[rows, best], dim=-1)  # (B,) Eq. 3, per token
+    elif ft_reduction == "sum":
+        ft = -masked_sum(logprobs[rows, best], mask[rows, best], dim=-1)  # (B,) Eq. 3 as written
+    else:
+        raise ValueError(f"unknown ft_reduction {ft_reduction!r}; known: mean, sum")
     loss = (rank_weight * rank + ft_weight * ft).mean()  # Eq. 4
     pairs = ordered.sum()
     correct = (ordered & (p[:, :, None] < p[:, None, :])).sum()
@@ -364,7 +384,7 @@ def train(ctx: Any, cfg: RRHFConfig) -> ModelPolicy:
                 else:
                     lp = response_logprobs(model, p_ids, p_mask, ids, mask, cfg.temperature, task.suppress_ids)
                 loss, stats = rrhf_loss(lp.view(n, K, -1), mask.view(n, K, -1), scores, cfg.ft_weight,
-                                        rank_weight=cfg.rank_weight)
+                                        rank_weight=cfg.rank_weight, ft_reduction=cfg.ft_reduction)
                 if with_kl:
                     kl_term = masked_sum(kl_tok, mask, dim=-1).mean()
                     loss = loss + cfg.kl_coef * kl_term
