@@ -8,7 +8,10 @@ A checkpoint is a directory ``checkpoints/iter-NNNNNN/`` holding
 
 It is written into a temporary sibling directory, each file flushed to disk, and renamed into place, so
 a directory named ``iter-*`` with a ``checkpoint.json`` is complete; a crash mid-write leaves only a
-``.tmp-*`` directory, which is ignored and removed.
+``.tmp-*`` directory, which is ignored and removed. A complete checkpoint that still cannot be loaded
+(truncated or replaced tensor file, damaged JSON: `checkpoint_problem`) is passed over: `latest_checkpoint`
+is the newest one that loads, so a resume falls back to the one before. A new checkpoint is read back
+before older ones are deleted.
 
 State is any nesting of dicts, lists, tuples, tensors, numbers, strings, booleans and None. Dict keys
 may be strings or integers (optimizer state is keyed by parameter index); tuples stay tuples.
@@ -22,12 +25,16 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from rlhf_zoo.errors import ZooError
 
 CHECKPOINT_GLOB = "iter-*"
 
@@ -149,25 +156,88 @@ def write_checkpoint(root: Path, iteration: int, state: dict[str, Any], info: di
     _write(tmp / "checkpoint.json", json.dumps({"iteration": iteration, "complete": True, **info}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
+    problem = checkpoint_problem(final)
+    if problem is not None:  # never delete the older ones for a checkpoint that cannot be read back
+        print(f"zoo: warning: checkpoint {final} cannot be read back ({problem}); older checkpoints kept",
+              file=sys.stderr)
+        return final
+    # keep the newest ``keep`` checkpoints that load (damaged ones are never counted, and go)
+    found = complete_checkpoints(root)
+    kept = [p for p in reversed(found) if p == final or checkpoint_problem(p) is None][:keep] if keep > 0 else found
+    for old in found:
+        if old not in kept:
+            shutil.rmtree(old)
     return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories under ``root``, oldest first."""
+    """Complete checkpoint directories under ``root`` (their checkpoint.json written), oldest first."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob(CHECKPOINT_GLOB) if (p / "checkpoint.json").is_file())
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the complete checkpoint ``path`` cannot be loaded (truncated or non-safetensors tensor file,
+    unreadable JSON, a tensor the skeleton names but the file lacks), or None when it loads. Reads the
+    safetensors header and the JSON files, not the tensor data."""
+    parsed = {}
+    for name in ("checkpoint.json", "state.json"):
+        try:
+            parsed[name] = json.loads((path / name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f"{name}: invalid JSON ({' '.join(str(e).split())})"
+    info, skeleton = parsed["checkpoint.json"], parsed["state.json"]
+    if not isinstance(info, dict) or not isinstance(info.get("iteration"), int):
+        return "checkpoint.json: no iteration number"
+    try:
+        with safe_open(str(path / "state.safetensors"), framework="pt") as f:
+            names = set(f.keys())
+    except FileNotFoundError:
+        return "state.safetensors is missing"
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type: the file is not a safetensors file
+        return f"state.safetensors: {' '.join(str(e).split())}"
+    missing = sorted(_tensor_names(skeleton) - names)
+    return f"state.json refers to tensors state.safetensors lacks ({', '.join(missing[:3])})" if missing else None
+
+
+def _tensor_names(skeleton: Any) -> set[str]:
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return {skeleton["__tensor__"]}
+        return set().union(*(_tensor_names(v) for v in skeleton.values()))
+    if isinstance(skeleton, list):
+        return set().union(*(_tensor_names(v) for v in skeleton))
+    return set()
+
+
+def loadable_checkpoints(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints that load, oldest first; the damaged ones with the reason each fails)."""
+    good, damaged = [], []
+    for p in complete_checkpoints(root):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            good.append(p)
+        else:
+            damaged.append((p, problem))
+    return good, damaged
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+    """The newest complete checkpoint that loads: a damaged newer one is passed over (`loadable_checkpoints`
+    says which and why), so a resume falls back to the checkpoint before it."""
+    good, _ = loadable_checkpoints(root)
+    return good[-1] if good else None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, info) of a complete checkpoint directory. Tensors are loaded by safetensors (no pickle)."""
+    """(state, info) of a complete checkpoint directory. Tensors are loaded by safetensors (no pickle).
+    A damaged checkpoint raises a one-line `ZooError` naming it."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ZooError(f"checkpoint {path} cannot be loaded: {problem}")
     info = json.loads((path / "checkpoint.json").read_text())
     tensors = load_file(str(path / "state.safetensors"))
     return unflatten(tensors, json.loads((path / "state.json").read_text())), info

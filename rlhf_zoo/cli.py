@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import typing
 from pathlib import Path
@@ -17,18 +18,20 @@ from typing import Any, Literal, get_args, get_origin
 import click
 import typer
 
-from rlhf_zoo.config import read_json_object
-from rlhf_zoo.errors import ConfigError, ZooError
+from rlhf_zoo.config import MAX_SEED, read_json_object
+from rlhf_zoo.errors import ConfigError, UnknownNameError, ZooError
 
 app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offline tasks with a gold reward.",
                   add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
-               "resume", "nproc", "config", "quiet")
+               "resume", "overwrite", "nproc", "config", "quiet")
+SEED_HELP = f"0 to {MAX_SEED} (2**32 - 1)"
 #: run options of a run on the user's own model (`rlhf_zoo.runner.SETUP_KEYS`)
 SETUP_OPTIONS = ("model", "tokenizer", "ref_model", "reward", "reward_weights", "gold", "prompts", "ptx_dataset",
                  "chat_template", "eval_fraction", "dtype", "attn_implementation", "trust_remote_code",
                  "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
 _ARGV: list[str] = []  # the command line as given, for relaunching under torch's elastic launcher
 
 
@@ -73,8 +76,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 @app.command("prepare")
 def prepare_cmd(
     task: str = typer.Argument("sentiment", help="Task to build."),
-    seed: int = typer.Option(0, help="Task seed (which world)."),
-    rebuild: bool = typer.Option(False, help="Rebuild even if cached."),
+    seed: int = typer.Option(0, min=0, max=MAX_SEED, help=f"Task seed (which world), {SEED_HELP}."),
+    rebuild: bool = typer.Option(False, help="Rebuild even if cached (also the way out of a damaged cache)."),
 ) -> None:
     """Build a task's tokenizer, models and data (cached; $RLHF_ZOO_CACHE moves the cache)."""
     t = _registry().task(task).load(seed=seed, progress=True, rebuild=rebuild)
@@ -189,17 +192,22 @@ def _algorithm_command(name: str) -> click.Command:
     hints = typing.get_type_hints(algo.config_cls)
     params: list[click.Parameter] = [
         click.Option(["--task"], default=None, help="Built-in task to run on [default: sentiment]; or give --model."),
-        click.Option(["--seed"], type=int, default=0, show_default=True, help="Run seed."),
+        click.Option(["--seed"], type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                     help=f"Run seed, {SEED_HELP}."),
         click.Option(["--out"], type=click.Path(path_type=Path), default=None, help="Run directory [runs/ALGO-TASK-sSEED]."),
         click.Option(["--preset"], default=None, help=f"Preset: default, {', '.join(sorted(algo.config_cls.presets))}."),
         click.Option(["--device"], default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
-        click.Option(["--task-seed"], type=int, default=0, show_default=True, help="Seed of the task's world."),
+        click.Option(["--task-seed"], type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+                     help=f"Seed of the task's world, {SEED_HELP}."),
         click.Option(["--checkpoint-every"], type=click.IntRange(min=0), default=None,
                      help="Iterations between checkpoints (0: none) [default: about 10 per run, and the last]."),
         click.Option(["--keep-checkpoints"], type=click.IntRange(min=1), default=2, show_default=True,
                      help="Complete checkpoints kept (older ones are deleted)."),
         click.Option(["--resume"], is_flag=True,
-                     help="Continue the run in --out from its last complete checkpoint (same config required)."),
+                     help="Continue the run in --out from its last complete checkpoint that loads (same config "
+                          "required)."),
+        click.Option(["--overwrite"], is_flag=True,
+                     help="Replace the run already in --out (without it, a non-empty --out is refused)."),
         click.Option(["--config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="JSON file of config values (options given here win)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
@@ -235,10 +243,18 @@ def _algorithm_command(name: str) -> click.Command:
         options.update({k: v for k, v in kwargs.items() if v is not None})
         world = Path(str(setup["model"]).rstrip("/")).name if setup["model"] else (common["task"] or "sentiment")
         out = common["out"] or Path("runs") / f"{name}-{world}-s{common['seed']}"
-        summary = run(name, task=common["task"], seed=common["seed"], out=out, device=common["device"],
-                      preset=common["preset"], options=options, task_seed=common["task_seed"],
-                      checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
-                      resume=common["resume"], progress=not common["quiet"], setup=setup)
+        if common["resume"] and common["overwrite"]:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it: give one")
+        try:
+            summary = run(name, task=common["task"], seed=common["seed"], out=out, device=common["device"],
+                          preset=common["preset"], options=options, task_seed=common["task_seed"],
+                          checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
+                          resume=common["resume"], progress=not common["quiet"], setup=setup,
+                          overwrite=common["overwrite"])
+        except KeyboardInterrupt:
+            if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 of a data-parallel run
+                click.echo(_interrupted(out), err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
         if "rank" not in summary:  # the other ranks of a data-parallel run print nothing
             _print_summary(summary, out)
 
@@ -313,7 +329,26 @@ def _launch(nproc: int) -> int:
             args.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "rlhf_zoo", *args]
-    return subprocess.run(cmd, check=False).returncode
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the ranks got the Ctrl-C too: rank 0 prints how to resume
+        proc.wait()
+        return INTERRUPTED
+
+
+def _interrupted(out: Path) -> str:
+    """The one line Ctrl-C prints: the run stopped, its last checkpoint, the command that resumes it."""
+    from rlhf_zoo.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(out / "checkpoints")
+    args = [a for a in _ARGV if a != "--overwrite"]
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", str(out)]
+    if "--resume" not in args:
+        args.append("--resume")
+    where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+    return f"zoo: interrupted: the run in {out} stopped; {where}; resume with: zoo {shlex.join(args)}"
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -337,8 +372,10 @@ class RunGroup(click.Group):
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         name = args[0]
         if name not in _registry().algorithms and not name.startswith("-"):
-            known = ", ".join(sorted(_registry().algorithms))
-            raise click.UsageError(f"unknown algorithm {name!r}; known: {known}")
+            try:
+                _registry().algorithm(name)
+            except UnknownNameError as e:  # lists the known names; says so when its plugin failed to load
+                raise click.UsageError(str(e)) from None
         return super().resolve_command(ctx, args)
 
 

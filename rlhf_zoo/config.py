@@ -2,7 +2,9 @@
 
 An algorithm's config derives from `AlgoConfig` (or `DatasetConfig`, when it trains on a user dataset). Each field becomes a ``zoo run ALGO`` option and a
 key of a config file; ``presets`` maps a preset name to field overrides (``quick`` is a run of under a
-minute on two CPU cores). Validation happens in ``__post_init__`` and raises `ConfigError`.
+minute on two CPU cores). Validation happens in ``__post_init__`` and raises `ConfigError`; a plugin's
+``__post_init__`` may also raise ``ValueError`` or ``TypeError``, which `AlgoConfig.from_dict` turns into
+a `ConfigError` (the CLI's one-line error).
 """
 
 from __future__ import annotations
@@ -63,7 +65,14 @@ class AlgoConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         merged.update({k: v for k, v in values.items() if v is not None})
-        return cls(**merged)
+        for k, v in merged.items():  # before the plugin's __post_init__ sees a value of the wrong type
+            _check_type(cls, k, v)
+        try:
+            return cls(**merged)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:  # a plugin's own validation: the same one line as ConfigError
+            raise ConfigError(" ".join(str(e).split()) or f"invalid {cls.__name__}: {type(e).__name__}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -79,8 +88,8 @@ class DatasetConfig(AlgoConfig):
     over-long rows are handled (`rlhf_zoo.data`). The subclass adds its own ``dataset`` field."""
 
     bad_rows: Literal["raise", "drop"] = option(
-        "raise", "Dataset rows with a missing, mistyped or empty field, chosen == rejected, or response words "
-                 "the tokenizer does not know: raise (stop at the first, naming row and key) or drop (skip "
+        "raise", "Dataset rows with a missing, mistyped or empty field, chosen == rejected, or prompt or "
+                 "response words the tokenizer does not know: raise (stop at the first, naming row and key) or drop (skip "
                  "them; counts by reason go to summary.json).")
     long_rows: Literal["raise", "truncate", "drop"] = option(
         "truncate", "Dataset rows over the length caps (a response: max_new_tokens tokens; a prompt: the "
@@ -108,6 +117,15 @@ def read_json_object(path: Path, what: str, expected: str = "a JSON object") -> 
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path}: expected {expected}, got {type(data).__name__}")
     return data
+
+
+MAX_SEED = 2**32 - 1  # seeds go to numpy's global RNG, which takes 0 .. 2**32 - 1
+
+
+def check_seed(name: str, value: Any) -> None:
+    """A run or task seed: an integer from 0 to `MAX_SEED`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name} must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {value!r}")
 
 
 def check_positive(cfg: Any, *names: str) -> None:

@@ -6,7 +6,8 @@ a task (``exact`` by default: it builds in seconds), or on a user's own model (`
 --reward SPEC --prompts FILE --dataset FILE``: ``setup`` and ``options`` of `check_algorithm`), and checks:
 
   config       the config is a frozen `AlgoConfig` dataclass, every field has help text, the smoke
-               preset constructs
+               preset constructs, and out-of-range values of each field (negative, zero, NaN, empty, a
+               wrong choice) construct or give the one-line error, never another exception
   update       the run changes every trainable parameter (policy and reward-model algorithms) or none
                (inference algorithms such as best-of-N)
   reference    the reference policy is bit-for-bit unchanged and frozen
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import math
 import shutil
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,7 @@ from safetensors.torch import load_file
 
 from rlhf_zoo.checkpoint import complete_checkpoints
 from rlhf_zoo.config import AlgoConfig
-from rlhf_zoo.errors import NonFiniteError
+from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.registry import Registry, build_registry
 
@@ -71,6 +73,43 @@ class _Probe:
         now = run.reference.state_dict()
         self.reference_changed = [k for k, v in self.reference.items() if not torch.equal(v, now[k])]
         self.reference_trainable = any(p.requires_grad for p in run.reference.parameters())
+
+
+def _odd_values(tp: Any) -> tuple[Any, ...]:
+    """Values a user may give a field of type ``tp`` that are often out of its range."""
+    if tp is bool:
+        return ()
+    if tp is int:
+        return (-1, 0, 10**12)
+    if tp is float:
+        return (-1.0, 0.0, math.nan, math.inf)
+    if tp is str:
+        return ("", "zoo-check-no-such-value")
+    if typing.get_origin(tp) is typing.Literal:
+        return ("zoo-check-no-such-choice",)
+    return ()
+
+
+def invalid_value_problems(cls: type, options: dict[str, Any] | None = None) -> list[str]:
+    """Each field set to odd values (negative, zero, NaN, empty, a wrong choice) over the smoke preset: the
+    config must construct or raise a one-line `ConfigError` (a ``ValueError``/``TypeError`` from the
+    plugin's ``__post_init__`` becomes one in `AlgoConfig.from_dict`); any other exception, e.g. an
+    ``assert`` or a ``ZeroDivisionError``, would reach the user as a traceback."""
+    problems = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        for value in _odd_values(hints[f.name]):
+            try:
+                cls.from_dict({**(options or {}), f.name: value}, preset="smoke")
+            except ConfigError as e:
+                if len(str(e).strip().splitlines()) > 1:
+                    problems.append(f"{f.name}={value!r}: the error is more than one line")
+            except Exception as e:  # noqa: BLE001 - reported as the check's failure
+                first = (str(e).strip().splitlines() or [""])[0]
+                problems.append(f"{f.name}={value!r} raised {type(e).__name__}: {first} (raise ValueError or "
+                                "ConfigError in __post_init__ for a value out of range, not another exception)")
+                break
+    return problems[:3]
 
 
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
@@ -148,6 +187,8 @@ def check_algorithm(
                 cls.from_dict(dict(options or {}), preset="smoke")
             except Exception as e:  # noqa: BLE001 - reported as the check's failure
                 problems.append(f"the smoke preset does not construct: {e}")
+            else:
+                problems += invalid_value_problems(cls, options)
     results.append(CheckResult("config", not problems, "; ".join(problems) or
                                f"frozen {cls.__name__}, {len(dataclasses.fields(cls))} fields with help, "
                                f"smoke preset valid"))

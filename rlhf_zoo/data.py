@@ -27,8 +27,10 @@ make it a prompt file (each row chosen/rejected or responses), otherwise it is H
 Validation, before the data become tensors:
   1. schema: types, empty strings, chosen == rejected (or a response listed twice), margins;
   2. tokens, with the task's tokenizer: a response word the tokenizer does not know (its id would be
-     ``unk``, which the policy can never emit) is a bad row; a response over ``max_new_tokens`` tokens
-     or a prompt over the model's positions minus BOS and ``max_new_tokens`` is a long row;
+     ``unk``, which the policy can never emit) is a bad row (``unknown_token``), and so is a prompt word
+     it does not know (``unknown_prompt_token``: the model would read every such word as one token); a
+     response over ``max_new_tokens`` tokens or a prompt over the model's positions minus BOS and
+     ``max_new_tokens`` is a long row;
   3. reward-model data only (``same_k``): every ranking has as many responses as the first.
 
 What happens to a bad or long row is the config's choice (`rlhf_zoo.config.DatasetConfig`):
@@ -57,6 +59,7 @@ from rlhf_zoo.errors import DataError
 log = logging.getLogger(__name__)
 
 HH_MARKER = "\n\nAssistant:"
+HH_ROLES = ("Human:", "Assistant:")  # the role markers of Anthropic HH text
 _HH = repr(HH_MARKER).replace("'", "")  # the marker as written in a message: \n\nAssistant:
 RANKING_FORMATS = ("prompt/chosen/rejected[/margin], prompt/responses[/margins] (best first) or Anthropic HH "
                    "chosen/rejected text")
@@ -64,7 +67,7 @@ SFT_FORMATS = "prompt/completion or messages (conversational)"
 PROMPT_FORMATS = "prompt (a string or a list of {role, content} messages)"
 #: reasons a row is dropped, as counted in `DataReport.dropped`
 REASONS = ("invalid_json", "not_an_object", "missing_key", "wrong_type", "empty", "identical", "wrong_length",
-           "hh_format", "unknown_token", "k_mismatch", "too_long")
+           "hh_format", "unknown_prompt_token", "unknown_token", "k_mismatch", "too_long")
 LONG = "too_long"
 
 
@@ -499,10 +502,14 @@ def _cut(tokenizer: Any, text: str, n: int, keep_end: bool) -> str:
 
 
 def _check_tokens(items: list[_Item], tokenizer: Any, caps: LengthCaps, long_rows: str) -> list[tuple[_Item, _Bad | None]]:
-    """Unknown response words (bad rows) and over-long texts (long rows) of the schema-valid rows."""
+    """Unknown prompt or response words (bad rows) and over-long texts (long rows) of the schema-valid rows."""
     texts = [t for it in items for t in (it.ranking.prompt, *it.ranking.responses)]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     unk = getattr(tokenizer, "unk_token_id", None)
+    # a tokenizer whose unk is also a special token it writes itself (GPT-2: unk = eos) cannot tell
+    # unknown prompt words from its chat template's markers
+    special = {getattr(tokenizer, n, None) for n in ("eos_token_id", "bos_token_id", "pad_token_id")}
+    prompt_unk = unk if unk not in special else None
     out: list[tuple[_Item, _Bad | None]] = []
     pos = 0
     for it in items:
@@ -510,6 +517,14 @@ def _check_tokens(items: list[_Item], tokenizer: Any, caps: LengthCaps, long_row
         p_ids, r_ids = ids[pos], ids[pos + 1 : pos + k]
         pos += k
         try:
+            words = [] if prompt_unk is None or prompt_unk not in p_ids else [
+                w for w in it.ranking.prompt.split()
+                if w not in HH_ROLES and prompt_unk in tokenizer.encode(w, add_special_tokens=False)]
+            if words:  # (an Anthropic HH prompt's role markers are the format's own, not the user's words)
+                shown = ", ".join(repr(w) for w in words[:3])
+                where = f"key {_key(it.prompt_key)}" if it.prompt_key == "prompt" else f"the prompt of key {_key(it.prompt_key)}"
+                raise _Bad("unknown_prompt_token", f"{where} has words the tokenizer does not know ({shown}); "
+                                                   "the model would read them all as one unknown token")
             for key, text, rids in zip(it.response_keys, it.ranking.responses, r_ids, strict=True):
                 if unk is not None and unk in rids:
                     words = [w for w in text.split() if unk in tokenizer.encode(w, add_special_tokens=False)]
@@ -586,7 +601,7 @@ def _validate(
             items.append(parse(n, row))
         except _Bad as b:
             bad(n, b, options.bad_rows == "drop")
-    # 2) tokens: unknown response words (bad rows), lengths (long rows)
+    # 2) tokens: unknown prompt and response words (bad rows), lengths (long rows)
     if tokenizer is not None:
         checked, items = _check_tokens(items, tokenizer, caps, options.long_rows), []
         for it, b in checked:

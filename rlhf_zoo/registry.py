@@ -7,8 +7,10 @@ same path as third-party ones. Controls (environment variables):
 - ``RLHF_ZOO_BLOCK_PLUGINS=name1,name2``: skip those entry points (by entry-point name).
 
 A plugin that fails to import, or whose registration hook raises, is recorded in
-`Registry.load_errors` and skipped; everything else keeps working. Two plugins registering one name
-raise `DuplicateNameError`.
+`Registry.load_errors` and skipped; everything else keeps working, and ``zoo run NAME`` for the name of
+a plugin that failed says so, with its error. Where entry points share a name, the built-in one is loaded
+first, and a name is taken only by a plugin that loaded: a broken plugin never hides a working one. Two
+plugins registering one algorithm, task or reward name raise `DuplicateNameError`.
 """
 
 from __future__ import annotations
@@ -108,13 +110,27 @@ class Registry:
     manager: pluggy.PluginManager | None = None
 
     def algorithm(self, name: str) -> Algorithm:
-        return _lookup(self.algorithms, name, "algorithm")
+        return self._lookup(self.algorithms, name, "algorithm")
 
     def task(self, name: str) -> TaskSpec:
-        return _lookup(self.tasks, name, "task")
+        return self._lookup(self.tasks, name, "task")
 
     def reward_function(self, name: str) -> RewardFunctionSpec:
-        return _lookup(self.reward_functions, name, "reward function")
+        return self._lookup(self.reward_functions, name, "reward function")
+
+    def _lookup(self, table: dict[str, Any], name: str, kind: str) -> Any:
+        """``table[name]``; an unknown name raises `UnknownNameError` listing the known ones, and saying so
+        when a plugin of that name failed to load (with its error) or when any plugin failed to load."""
+        if name in table:
+            return table[name]
+        failed = next((e for e in self.load_errors if e.plugin == name), None)
+        if failed is not None:
+            raise UnknownNameError(f"{kind} {name!r} is not available: plugin {name!r} ({failed.distribution}) "
+                                   f"failed to load: {failed.error}")
+        known = ", ".join(sorted(table)) or "(none)"
+        broken = ", ".join(repr(e.plugin) for e in self.load_errors)
+        raise UnknownNameError(f"unknown {kind} {name!r}; known: {known}"
+                               + (f" (plugins that failed to load: {broken}; see zoo list)" if broken else ""))
 
     def _add(self, kind: str, table: dict[str, Any], item: Any, plugin: PluginInfo) -> None:
         name = item.name
@@ -128,13 +144,6 @@ class Registry:
         self.provided_by[(kind, name)] = plugin
 
 
-def _lookup(table: dict[str, Any], name: str, kind: str) -> Any:
-    if name not in table:
-        known = ", ".join(sorted(table)) or "(none)"
-        raise UnknownNameError(f"unknown {kind} {name!r}; known: {known}")
-    return table[name]
-
-
 def _blocked() -> set[str]:
     return {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
 
@@ -144,6 +153,10 @@ def _entry_point_dist(ep: metadata.EntryPoint) -> tuple[str, str]:
     if dist is None:
         return "unknown", "unknown"
     return dist.metadata["Name"], dist.version
+
+
+def _is_core(dist: str) -> bool:
+    return dist.lower().replace("_", "-") == CORE_DISTRIBUTION
 
 
 def _new_manager() -> pluggy.PluginManager:
@@ -162,18 +175,21 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
     pm = reg.manager
     autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() not in {"1", "true", "yes"}
     blocked = _blocked()
-    seen: set[str] = set()
-    for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+    taken: dict[str, str] = {}  # entry-point name -> the distribution whose plugin loaded under it
+    # built-ins first where names are shared; a name is taken only by a plugin that loaded, so a broken
+    # plugin never hides a working one of the same name
+    entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
+                          key=lambda e: (e.name, not _is_core(_entry_point_dist(e)[0])))
+    for ep in entry_points:
         dist, version = _entry_point_dist(ep)
         if ep.name in blocked:
             continue
-        if ep.name in seen:
+        if not autoload and not _is_core(dist):
+            continue
+        if ep.name in taken:
             reg.load_errors.append(LoadError(ep.name, dist, f"entry point name {ep.name!r} is already taken by "
-                                             "another distribution; this one was not loaded"))
+                                             f"{taken[ep.name]}; this one was not loaded"))
             continue
-        if not autoload and dist.lower().replace("_", "-") != CORE_DISTRIBUTION:
-            continue
-        seen.add(ep.name)
         info = PluginInfo(ep.name, dist, version)
         try:
             module = ep.load()
@@ -181,6 +197,7 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
         except Exception as exc:  # a broken plugin must not break the others
             reg.load_errors.append(LoadError(ep.name, dist, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
             continue
+        taken[ep.name] = dist
         reg.plugins.append(info)
     for name, obj in (extra_plugins or {}).items():
         pm.register(obj, name=name)

@@ -8,6 +8,7 @@ checkpoints, the final evaluation against the SFT baseline, and the run director
     summary.json    final figures (see `rlhf_zoo.evaluation`) plus wall time, throughput, peak memory
     policy/         the final policy in Hugging Face format (safetensors); ``model/`` for reward models
     checkpoints/    the last few complete checkpoints of the training loop (see below)
+    run.lock        the pid and host of the process writing the directory (`rlhf_zoo.rundir`)
 
 Checkpoints and resume. An algorithm registers the state its loop carries with ``ctx.track(name, obj)``
 (optimizers, schedulers, extra models, its own generators and controllers) before the loop, and loops
@@ -45,19 +46,21 @@ from rlhf_zoo.accel import autocast, synchronize
 from rlhf_zoo.checkpoint import (
     global_rng_state,
     latest_checkpoint,
+    loadable_checkpoints,
     read_checkpoint,
     restore,
     set_global_rng_state,
     state_of,
     write_checkpoint,
 )
-from rlhf_zoo.config import AlgoConfig
+from rlhf_zoo.config import AlgoConfig, check_seed
 from rlhf_zoo.distributed import SINGLE, Dist, init_from_env
 from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.evaluation import evaluate
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
 from rlhf_zoo.registry import Algorithm, Registry, get_registry
 from rlhf_zoo.rewards import MissingReward
+from rlhf_zoo.rundir import RUN_ENTRIES, check_out, lock_run_dir, unlock_run_dir
 
 DEFAULT_TASK = "sentiment"
 KEEP_CHECKPOINTS = 2
@@ -388,18 +391,25 @@ def make_context(
     progress: bool = True,
     registry: Registry | None = None,
     setup: dict[str, Any] | None = None,
+    overwrite: bool | None = None,
 ) -> RunContext:
     """Resolve the config, load the task, seed, and load the policy, reference and reward: everything
     an algorithm's ``train`` receives. `run` calls it; tests and tools can too.
 
     ``setup``: a user's own model instead of a built-in task (keys `SETUP_KEYS`, as the ``zoo run``
-    options: ``model`` is required; see `rlhf_zoo.user_setup`)."""
+    options: ``model`` is required; see `rlhf_zoo.user_setup`). ``overwrite``: what may be in ``out``
+    (`rlhf_zoo.rundir.check_out`; ``zoo run`` passes False unless ``--overwrite``).
+
+    Everything is validated (options, seeds, ``out``, the task's cached files) and the run directory
+    locked (`rlhf_zoo.rundir.lock_run_dir`) before anything in ``out`` is deleted or written."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars; the runner shows its own progress
     registry = registry or get_registry()
     algo = registry.algorithm(algorithm)
     config = algo.config_cls.from_dict(options or {}, preset=preset)
+    check_seed("seed", seed)
+    check_seed("task_seed", task_seed)
     setup = {k: v for k, v in (setup or {}).items() if v}  # options left unset (None, False, 0, empty) are absent
     if setup and "model" not in setup:
         raise ConfigError(f"--{next(iter(setup)).replace('_', '-')} applies to a run on your own model: give --model too")
@@ -421,18 +431,19 @@ def make_context(
     if keep_checkpoints < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
     out = Path(out)
+    if dist.is_main:  # (the other ranks of a data-parallel run never write it)
+        check_out(out, resume=resume, overwrite=overwrite)
     identity = {"algorithm": algo.name, "task": task, "task_seed": task_seed, "seed": seed,
                 "config": config.to_dict(), **({"setup": setup} if setup else {})}
     if setup:  # a user's own model: assembled, not built; nothing is written before it is checked
         the_task, model_options = _user_world(setup, config, registry, dev, task_seed)
-    if dist.is_main:  # only rank 0 writes the run directory
-        out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # only rank 0 writes the run directory, and only once it holds it
+        lock_run_dir(out)
         resume = resume and _check_resumable(out, identity)
+        if not setup:  # builds the task if it is not cached; damaged cached files stop the run here
+            the_task = task_spec.load(seed=task_seed, progress=progress)
         if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
-            (out / "metrics.jsonl").write_text("")
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        if not setup:
-            the_task = task_spec.load(seed=task_seed, progress=progress)  # builds the task if it is not cached
+            _clear_run_dir(out)
     dist.barrier()
     if not dist.is_main:
         resume = resume and latest_checkpoint(out / "checkpoints") is not None
@@ -502,24 +513,57 @@ def save_model(model: Any, tokenizer: Any, path: Path, adapter_dir: Path | None 
 
 def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
     """--resume: True if ``out`` holds a run with this identity to continue, False if it holds none;
-    ConfigError if it holds a different run."""
+    ConfigError if it holds a different run, or checkpoints of which none loads. A damaged newer
+    checkpoint is named in a warning and passed over (`rlhf_zoo.checkpoint.latest_checkpoint`)."""
     saved_path = out / "config.json"
-    if not saved_path.is_file() or latest_checkpoint(out / "checkpoints") is None:
+    good, damaged = loadable_checkpoints(out / "checkpoints")
+    if not saved_path.is_file() or not (good or damaged):
         print(f"zoo: no complete checkpoint in {out}; starting from the beginning", file=sys.stderr)
         return False
-    saved = json.loads(saved_path.read_text())
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError:
+        raise ConfigError(f"--resume: {saved_path} is not valid JSON; drop --resume to start over") from None
     for key, value in identity.items():
         if key in saved and saved[key] != json.loads(json.dumps(value)):
             raise ConfigError(f"--resume: {out} holds a run with a different {key} ({saved[key]!r}, now "
                               f"{value!r}); use another --out, or drop --resume to start over")
+    if not good:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+        raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'} can be loaded ({reasons}); "
+                          "drop --resume to start over")
+    for path, why in damaged:
+        if path.name > good[-1].name:
+            print(f"zoo: warning: checkpoint {path} cannot be loaded ({why}); resuming from the one before it, "
+                  f"{good[-1]}", file=sys.stderr)
     return True
+
+
+def _clear_run_dir(out: Path) -> None:
+    """A fresh run: remove what an earlier run wrote in ``out`` (`rlhf_zoo.rundir.RUN_ENTRIES`), so nothing
+    of it can be resumed into this run or mistaken for its results; start an empty metrics.jsonl."""
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    (out / "metrics.jsonl").write_text("")
 
 
 def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     """Run ``algorithm`` and write the run directory. Returns summary.json's content.
 
     Keyword arguments are those of `make_context` (task, seed, out, device, preset, options, task_seed,
-    checkpoint_every, keep_checkpoints, resume, progress, registry), with the same defaults."""
+    checkpoint_every, keep_checkpoints, resume, progress, registry, setup, overwrite), with the same
+    defaults. The run directory is locked while the run lives (`rlhf_zoo.rundir`)."""
+    try:
+        return _run(algorithm, **kwargs)
+    finally:
+        unlock_run_dir(Path(kwargs.get("out", "runs/latest")))
+
+
+def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     wall_start = time.perf_counter()
     dev = resolve_device(kwargs.get("device", "auto"))
     if dev.type == "cuda":

@@ -213,13 +213,18 @@ def test_length_caps_of_the_exact_task(exact_task):
     assert length_caps(object(), 4) == LengthCaps(prompt=None, response=4)  # no model config: no prompt cap
 
 
-def test_unknown_response_words_are_bad_rows_but_prompts_may_have_them(exact_task):
+def test_unknown_prompt_and_response_words_are_bad_rows_under_their_own_reasons(exact_task):
     tok, caps = exact_task.tokenizer, length_caps(exact_task, 4)
-    rows = [{"prompt": "hello x", "chosen": "x", "rejected": "y"}, {"prompt": "x", "chosen": "x hello", "rejected": "y"}]
-    assert error(rows, tokenizer=tok, caps=caps) == ("data.jsonl row 2: key 'chosen' has words the tokenizer "
+    rows = [{"prompt": "x", "chosen": "x hello", "rejected": "y"}, {"prompt": "hello x", "chosen": "x", "rejected": "y"},
+            {"prompt": "x y", "chosen": "x", "rejected": "y"}]
+    assert error(rows, tokenizer=tok, caps=caps) == ("data.jsonl row 1: key 'chosen' has words the tokenizer "
                                                      "does not know ('hello'); the policy can never generate them")
+    assert error(rows[1:], tokenizer=tok, caps=caps) == (
+        "data.jsonl row 1: key 'prompt' has words the tokenizer does not know ('hello'); the model would read "
+        "them all as one unknown token")
     kept, report = rankings(rows, DROP, tokenizer=tok, caps=caps)
-    assert [r.prompt for r in kept] == ["hello x"] and dict(report.dropped) == {"unknown_token": 1}
+    assert [r.prompt for r in kept] == ["x y"]
+    assert dict(report.dropped) == {"unknown_token": 1, "unknown_prompt_token": 1}
 
 
 LONG = [{"prompt": "x", "chosen": "x y z x y", "rejected": "y"},  # 5 response tokens > 4

@@ -84,6 +84,40 @@ class GoldReward:
         return torch.as_tensor(values, dtype=torch.float32, device=input_ids.device)
 
 
+#: files every built task has (reward models are optional: `Task.has_reward` checks their directories)
+REQUIRED_FILES = ("manifest.json", "tokenizer/tokenizer.json", "sft/config.json", "sft/model.safetensors",
+                  "data/prompts_train.json", "data/prompts_eval.json")
+
+
+def check_task_files(path: Path, name: str, seed: int) -> None:
+    """Refuse a cached task whose files are missing or damaged (every ``*.safetensors`` header and every
+    ``*.json`` is read; the tensor data and the datasets' arrow files are not): one `ZooError` naming the
+    file and the way out, ``zoo prepare NAME --rebuild``. Takes milliseconds."""
+    from safetensors import safe_open
+
+    from rlhf_zoo.errors import ZooError
+
+    rebuild = f"zoo prepare {name} --rebuild" + (f" --seed {seed}" if seed else "")
+
+    def damaged(file: Path, why: str) -> ZooError:
+        return ZooError(f"task {name!r}: cached file {file} {why}; rebuild the task with: {rebuild}")
+
+    for rel in REQUIRED_FILES:
+        if not (path / rel).is_file():
+            raise damaged(path / rel, "is missing")
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type: not a (whole) safetensors file
+            raise damaged(file, f"is not a readable safetensors file ({' '.join(str(e).split())})") from None
+    for file in sorted(path.rglob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise damaged(file, f"is not readable JSON ({' '.join(str(e).split())[:120]})") from None
+
+
 @dataclass
 class Task(World):
     """A built task, loaded from its cache directory.

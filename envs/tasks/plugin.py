@@ -8,7 +8,7 @@ from typing import Any
 
 from rlhf_zoo.hookspecs import hookimpl
 from rlhf_zoo.registry import TaskSpec
-from rlhf_zoo_envs.tasks.base import Task
+from rlhf_zoo_envs.tasks.base import Task, check_task_files
 from rlhf_zoo_envs.tasks.build import BuildSpec, build_task, task_dir
 
 EXACT_SPEC = BuildSpec(
@@ -22,7 +22,9 @@ HH_SPEC = BuildSpec(max_new_tokens=20, beta=0.1, missing_eos_penalty=1.0,
 
 
 def loader(name: str, spec: BuildSpec, make: Callable[[int], tuple[Any, type[Task]]]) -> Callable[..., Task]:
-    """``load(seed=0, progress=True, rebuild=False) -> Task``: build into the cache if missing, then open."""
+    """``load(seed=0, progress=True, rebuild=False) -> Task``: build into the cache if missing, check its files
+    (`check_task_files`: a damaged cache is one line naming the file and ``zoo prepare NAME --rebuild``),
+    then open."""
 
     def load(seed: int = 0, progress: bool = True, rebuild: bool = False) -> Task:
         language, task_cls = make(seed)
@@ -31,6 +33,7 @@ def loader(name: str, spec: BuildSpec, make: Callable[[int], tuple[Any, type[Tas
             shutil.rmtree(path, ignore_errors=True)
         if not (path / "manifest.json").exists():
             build_task(name, language, spec, seed, path, progress=progress)
+        check_task_files(path, name, seed)
         return task_cls.from_dir(path, language, name=name, seed=seed, max_new_tokens=spec.max_new_tokens,
                                  beta=spec.beta, missing_eos_penalty=spec.missing_eos_penalty,
                                  reward_models=tuple(spec.reward_models))

@@ -1,0 +1,131 @@
+"""The run directory before a run starts: is ``--out`` usable, what does it hold, and who writes it.
+
+Nothing in a run directory is deleted or written before these checks pass (`rlhf_zoo.runner.make_context`):
+
+- `check_out`: ``--out`` is not a file, its nearest existing folder is writable, no live run holds it,
+  and (``zoo run`` without ``--resume`` or ``--overwrite``) it is empty; a refusal says what is there.
+- `lock_run_dir`: one writer per run directory. ``run.lock`` in the directory holds the writer's pid and
+  host, locked with ``fcntl.flock``: the kernel drops the lock when the process dies (even by SIGKILL), so
+  a crashed run never leaves it stuck, and a second ``zoo run`` on a directory a live run holds is refused
+  with one line naming that process. Stdlib only, so a test can hold the lock from a bare subprocess.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+from typing import IO
+
+from rlhf_zoo.errors import ConfigError
+
+LOCK_FILE = "run.lock"
+#: what a run writes in its directory (a fresh run in the directory replaces these; nothing else is touched)
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "policy", "model", "adapter", "rounds")
+TOLERATED = ("stderr.log",)  # a failed benchmark run's log (`rlhf_zoo.bench.execute`): kept, never refused
+_HELD: dict[str, IO[str]] = {}  # run directories this process holds: resolved path -> open lock file
+
+
+def check_out(out: Path, *, resume: bool, overwrite: bool | None) -> None:
+    """Refuse an ``--out`` that cannot hold the run (a `ConfigError` saying what is there), before any work.
+
+    ``overwrite``: ``zoo run`` passes False, or True with ``--overwrite``: a directory that holds anything
+    but a run's files is refused, and one that holds a run's files is refused unless the run resumes or
+    overwrites it. None (the Python API's default): only the path is checked, and a fresh run replaces an
+    earlier run's files (`RUN_ENTRIES`) without asking."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is a file, not a directory; give a directory path")
+    parent = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a directory; give a directory path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {parent} is not writable; choose a directory you can write to")
+    if not out.is_dir():
+        return
+    holder = _live_holder(out)
+    if holder is not None:
+        raise _in_use(out, holder)
+    if overwrite is None:
+        return
+    entries = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, *TOLERATED))
+    foreign = [n for n in entries if n not in RUN_ENTRIES]
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise ConfigError(f"--out {out} is not a run directory (it holds {shown}); give a new or empty directory")
+    if resume or overwrite or not _holds_anything(out, entries):
+        return
+    raise ConfigError(f"--out {out} is not empty: it holds {describe_run(out)}; add --resume to continue it, "
+                      "--overwrite to replace it, or give another --out")
+
+
+def _holds_anything(out: Path, entries: list[str]) -> bool:
+    """Whether a fresh run would lose something: an empty metrics.jsonl alone (a run stopped before its
+    first iteration) is nothing."""
+    return any(n != "metrics.jsonl" or (out / n).stat().st_size > 0 for n in entries)
+
+
+def describe_run(out: Path) -> str:
+    """What a run directory holds, for a one-line refusal: the run, its metrics rows, checkpoints, summary."""
+    parts = []
+    try:
+        config = json.loads((out / "config.json").read_text())
+        parts.append(f"a run of {config.get('algorithm')} on {config.get('task')} (seed {config.get('seed')})")
+    except (OSError, ValueError, AttributeError):
+        pass
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        with open(metrics, "rb") as f:
+            parts.append(f"metrics.jsonl ({sum(1 for line in f if line.strip())} rows)")
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("iter-*")) if (out / "checkpoints").is_dir() else []
+    if checkpoints:
+        parts.append(f"{len(checkpoints)} checkpoint{'s' * (len(checkpoints) > 1)} (last {checkpoints[-1]})")
+    parts += [n for n in ("summary.json", "policy/", "model/", "rounds/") if (out / n.rstrip("/")).exists()]
+    return ", ".join(parts) or "files of an earlier run"
+
+
+def _live_holder(out: Path) -> str | None:
+    """Who holds ``out``'s lock now (its pid and host), or None; takes nothing."""
+    if str(out.resolve()) in _HELD or not (out / LOCK_FILE).is_file():
+        return None
+    with open(out / LOCK_FILE) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "another process"
+    return None
+
+
+def _in_use(out: Path, holder: str) -> ConfigError:
+    return ConfigError(f"--out {out} is in use by another zoo run ({holder}); wait for it to finish, or give "
+                       "another --out")
+
+
+def lock_run_dir(out: Path) -> None:
+    """Make this process the one writer of ``out`` (created if missing) until it exits or `unlock_run_dir`.
+    A directory another live process holds: `ConfigError` naming that process."""
+    key = str(out.resolve())
+    if key in _HELD:  # this process already holds it (a second context in the same process)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise _in_use(out, holder) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[key] = f
+
+
+def unlock_run_dir(out: Path) -> None:
+    """Release the lock `lock_run_dir` took (closing the file drops it); the lock file stays."""
+    f = _HELD.pop(str(out.resolve()), None)
+    if f is not None:
+        f.close()
