@@ -102,12 +102,13 @@ def _in_use(out: Path, holder: str) -> ConfigError:
                        "another --out")
 
 
-def lock_run_dir(out: Path) -> None:
+def lock_run_dir(out: Path) -> bool:
     """Make this process the one writer of ``out`` (created if missing) until it exits or `unlock_run_dir`.
-    A directory another live process holds: `ConfigError` naming that process."""
+    A directory another live process holds: `ConfigError` naming that process. Returns whether this call
+    took the lock (False: this process already held it, and the earlier taker releases it)."""
     key = str(out.resolve())
     if key in _HELD:  # this process already holds it (a second context in the same process)
-        return
+        return False
     out.mkdir(parents=True, exist_ok=True)
     f = open(out / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the whole run
     try:
@@ -122,6 +123,12 @@ def lock_run_dir(out: Path) -> None:
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
     _HELD[key] = f
+    return True
+
+
+def holds(out: Path) -> bool:
+    """Whether this process holds ``out``'s lock."""
+    return str(Path(out).resolve()) in _HELD
 
 
 def unlock_run_dir(out: Path) -> None:

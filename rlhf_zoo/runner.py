@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -437,34 +438,42 @@ def make_context(
                 "config": config.to_dict(), **({"setup": setup} if setup else {})}
     if setup:  # a user's own model: assembled, not built; nothing is written before it is checked
         the_task, model_options = _user_world(setup, config, registry, dev, task_seed)
-    if dist.is_main:  # only rank 0 writes the run directory, and only once it holds it
-        lock_run_dir(out)
-        resume = resume and _check_resumable(out, identity)
-        if not setup:  # builds the task if it is not cached; damaged cached files stop the run here
-            the_task = task_spec.load(seed=task_seed, progress=progress)
-        if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
-            _clear_run_dir(out)
-    dist.barrier()
-    if not dist.is_main:
-        resume = resume and latest_checkpoint(out / "checkpoints") is not None
-        if not setup:
-            the_task = task_spec.load(seed=task_seed, progress=False)
-    seed_everything(seed)
-    policy = the_task.load_policy(dev)
-    reference = None
-    if setup:
-        from rlhf_zoo.adapters import prepare_policy
+    took_lock = dist.is_main and lock_run_dir(out)  # only rank 0 writes the run directory, once it holds it
+    try:
+        if dist.is_main:
+            resume = resume and _check_resumable(out, identity)
+            if not setup:  # builds the task if it is not cached; damaged cached files stop the run here
+                the_task = task_spec.load(seed=task_seed, progress=progress)
+            if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
+                _clear_run_dir(out)
+        dist.barrier()
+        if not dist.is_main:
+            resume = resume and latest_checkpoint(out / "checkpoints") is not None
+            if not setup:
+                the_task = task_spec.load(seed=task_seed, progress=False)
+        seed_everything(seed)
+        policy = the_task.load_policy(dev)
+        reference = None
+        if setup:
+            from rlhf_zoo.adapters import prepare_policy
 
-        policy, reference = prepare_policy(policy, setup, model_options)
-    if reference is None:
-        reference = the_task.load_reference(dev)
-    reference.requires_grad_(False)
-    reward_fn = the_task.reward_function(device=dev) if the_task.has_reward else MissingReward(task)
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    return RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
-                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
-                      show_progress=progress and dist.is_main, dist=dist, task_name=task, task_seed=task_seed,
-                      preset=preset, setup=setup)
+            policy, reference = prepare_policy(policy, setup, model_options)
+        if reference is None:
+            reference = the_task.load_reference(dev)
+        reference.requires_grad_(False)
+        reward_fn = the_task.reward_function(device=dev) if the_task.has_reward else MissingReward(task)
+        generator = torch.Generator(device=dev).manual_seed(seed)
+        ctx = RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,
+                         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
+                         show_progress=progress and dist.is_main, dist=dist, task_name=task, task_seed=task_seed,
+                         preset=preset, setup=setup)
+    except BaseException:  # (the lock goes with a failed start; `zoo run` then exits anyway)
+        if took_lock:
+            unlock_run_dir(out)
+        raise
+    if took_lock:  # a context dropped without `run` (tests, tools) lets go of its directory with it
+        weakref.finalize(ctx, unlock_run_dir, out)
+    return ctx
 
 
 def _user_world(setup: dict[str, Any], config: AlgoConfig, registry: Registry, device: torch.device,

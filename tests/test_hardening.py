@@ -29,7 +29,7 @@ from rlhf_zoo.cli import main
 from rlhf_zoo.conformance import check_algorithm, invalid_value_problems
 from rlhf_zoo.errors import ConfigError
 from rlhf_zoo.registry import build_registry, get_registry
-from rlhf_zoo.rundir import _HELD, LOCK_FILE
+from rlhf_zoo.rundir import LOCK_FILE, holds
 from rlhf_zoo.runner import run
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -252,8 +252,27 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_dead_one_leaves_no_lo
         holder.wait()
     assert zoo("--out", "R") == 0
     assert (tmp_path / "R" / LOCK_FILE).read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
-    assert not _HELD  # released when the run ended
+    assert not holds(tmp_path / "R")  # released when the run ended
 
+
+
+def test_a_context_made_without_run_lets_go_of_its_directory_when_dropped_or_when_it_fails(tmp_path):
+    import gc
+
+    from rlhf_zoo.runner import make_context
+
+    ctx = make_context("ppo", task="exact", out=tmp_path / "C", device="cpu", preset="smoke", progress=False)
+    assert holds(tmp_path / "C")
+    del ctx
+    gc.collect()
+    assert not holds(tmp_path / "C")
+    (tmp_path / "C" / "checkpoints" / "iter-000001").mkdir(parents=True)  # a resume that fails once locked
+    (tmp_path / "C" / "checkpoints" / "iter-000001" / "checkpoint.json").write_text("{}")
+    (tmp_path / "C" / "config.json").write_text("{")
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        make_context("ppo", task="exact", out=tmp_path / "C", device="cpu", preset="smoke", progress=False,
+                     resume=True)
+    assert not holds(tmp_path / "C")
 
 # --- plugins --------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -325,7 +344,7 @@ def test_ctrl_c_prints_how_to_resume_and_the_command_resumes(capsys, monkeypatch
     assert main(args) == 130
     assert interrupted_line(capsys) == ("zoo: interrupted: the run in R stopped; the last checkpoint is "
                                       "R/checkpoints/iter-000001; resume with: zoo " + " ".join(args) + " --resume")
-    assert not _HELD
+    assert not holds(tmp_path / "R")
     get_registry(refresh=True)
     assert main([*args, "--resume"]) == 0
     same_run(finished, tmp_path / "R")
