@@ -5,8 +5,8 @@ Iterated online RLHF keeps labelling the policy's own samples:
 
     for round r = 1..R:
       (a) sample K responses to each of ``prompts_per_round`` training prompts from the current policy
-      (b) the labelers rank them (a built-in task's simulated labelers: Plackett-Luce on the gold reward at
-          the task's calibrated temperature, with Llama 2 margins; a user setup: ``--labeler SPEC``, the
+      (b) the labelers rank them (a built-in task's simulated labelers: Plackett-Luce on what they perceive of
+          the gold reward, `labelers.perceived`, at the task's calibrated temperature, with Llama 2 margins; a user setup: ``--labeler SPEC``, the
           forms of ``--reward``, at ``--labeler-temperature``)
       (c) retrain the reward model from the SFT trunk on the old rankings (the world's own, when it has
           them) plus every ranking labelled so far (a fifth of each round's held out)
@@ -137,8 +137,8 @@ class Rankings:
 
 
 class Labeler:
-    """Ranks K responses per prompt: by the gold reward of a built-in task with its calibrated labeler
-    temperature, or by a user's labeler spec."""
+    """Ranks K responses per prompt: by what a built-in task's labelers perceive (its gold reward, or its
+    language's biased ``labeler_view``) at their calibrated temperature, or by a user's labeler spec."""
 
     def __init__(self, ctx: Any, cfg: IteratedRLHFConfig) -> None:
         from rlhf_zoo_envs.tasks import labelers
@@ -152,7 +152,7 @@ class Labeler:
             self.tau = cfg.labeler_temperature
         elif ctx.task.has_gold:
             objective = ctx.task.objectives[0]
-            self.score = lambda p, r: torch.as_tensor(self.task.gold(p, r)[objective])
+            self.score = lambda p, r: torch.as_tensor(self.task.labeler_view(p, r)[objective])
             stats = getattr(ctx.task, "manifest", {}).get("labelers", {})
             self.tau = next((s["temperature"] for s in stats.values() if s.get("objective") == objective), 1.0)
         else:

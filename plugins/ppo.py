@@ -54,17 +54,20 @@ PTX_STREAM = 7919  # offset of the pretraining-batch random stream from the run 
 
 @dataclass(frozen=True)
 class PPOConfig(AlgoConfig):
-    presets = {"quick": {"iterations": 40, "eval_prompts": 64},
+    presets = {"quick": {"iterations": 40, "eval_prompts": 64, "lr_schedule": "constant"},
                "smoke": {"iterations": 2, "batch_prompts": 8, "minibatches": 2, "epochs": 1, "eval_prompts": 2,
                          "eval_samples": 1}}
     kl_coefficient = "beta"
 
-    iterations: int = option(300, "Rollout-and-update iterations.")
+    iterations: int = option(600, "Rollout-and-update iterations.")
     batch_prompts: int = option(64, "Prompts (episodes) per rollout.")
     epochs: int = option(4, "Passes over each rollout.")
     minibatches: int = option(4, "Minibatches per epoch.")
     learning_rate: float = option(5e-4, "Policy learning rate (AdamW).")
     critic_learning_rate: float = option(1e-3, "Critic learning rate (AdamW).")
+    lr_schedule: Literal["constant", "linear"] = option(
+        "linear", "Learning rates over the run: constant, or linear decay to 0 at the last iteration (policy and "
+        "critic; the sampled gradient's noise then shrinks with the step, so the policy settles).")
     beta: float | None = option(None, "KL coefficient (initial value if adaptive); default: the task's.")
     kl_estimator: Literal["k1", "k2", "k3"] = option("k1", "Per-token KL estimator in the reward.")
     adaptive_kl: bool = option(False, "Adapt beta towards kl_target (Ziegler et al.).")
@@ -187,11 +190,14 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
               else FixedKLController(ctx.beta))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate, weight_decay=0.0)
+    decay = (lambda k: 1.0 - k / cfg.iterations) if cfg.lr_schedule == "linear" else (lambda k: 1.0)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt, critic_opt)]
     ptx_coef = getattr(cfg, "ptx_coef", 0.0)
     ptx = PretrainBatches(task, cfg.ptx_batch_size, ctx.seed + PTX_STREAM, ctx.device) if ptx_coef > 0 else None
     rng = np.random.default_rng(ctx.seed)
     for name, obj in (("optimizer", opt), ("critic", critic), ("critic_optimizer", critic_opt),
-                      ("kl_controller", kl_ctl), ("prompt_rng", rng), ("ptx_generator", ptx and ptx.generator)):
+                      ("kl_controller", kl_ctl), ("prompt_rng", rng), ("ptx_generator", ptx and ptx.generator),
+                      ("lr_schedule", schedules[0]), ("critic_lr_schedule", schedules[1])):
         if obj is not None:
             ctx.track(name, obj)
     n_prompts = len(task.prompts("train"))
@@ -204,7 +210,10 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
         mask = r.response_mask
         rewards = per_token_rewards(r.logprobs, r.ref_logprobs, r.scores, mask, kl_ctl.value, cfg.kl_estimator)
         # 2) values, GAE, whitening; 3) epochs of minibatches
+        lr = opt.param_groups[0]["lr"]  # (this iteration's learning rate, logged)
         stats = update(ctx, cfg, policy, critic, opt, critic_opt, r, rewards, ptx, B)
+        for schedule in schedules:
+            schedule.step()
         # 4) KL controller and logging, over the whole batch
         sums = ctx.dist.sum(torch.stack([r.scores.sum(), masked_sum(r.logprobs - r.ref_logprobs, mask),
                                          rewards.sum(), mask.sum().float()]))
@@ -212,7 +221,7 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
         beta = kl_ctl.value
         kl_ctl.update(seq_kl, B)
         ctx.log(it, {"score": score, "kl": seq_kl, "beta": beta, "return": ret, "response_length": length,
-                     **{k: sum(v) / len(v) for k, v in stats.items()}})
+                     "learning_rate": lr, **{k: sum(v) / len(v) for k, v in stats.items()}})
     return ModelPolicy(policy)
 
 

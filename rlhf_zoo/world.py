@@ -171,6 +171,11 @@ class World:
         """Gold objectives for each pair.  -> {objective: (B,) float64}; only when `has_gold`."""
         raise NotImplementedError
 
+    def labeler_view(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+        """What simulated labelers perceive of each pair (``iterated-rlhf`` ranks by it): the gold, unless
+        the world's labelers are biased (a built-in task's language may say so).  Only when `has_gold`."""
+        return self.gold(prompts, responses)
+
 
 def bos_once(tokenizer: Any, text: str) -> list[int]:
     """``text``'s ids with what the tokenizer adds in front of a sequence (BOS, where it adds one) and

@@ -85,6 +85,9 @@ def test_labeler_at_temperature_zero_ranks_by_the_score_and_rankings_round_trip(
         has_gold, objectives, manifest = True, ("gold",), {}
 
         def gold(self, prompts, responses):
+            raise AssertionError("the labelers rank by what they perceive, not the gold")
+
+        def labeler_view(self, prompts, responses):
             return {"gold": np.array([float(len(r)) for r in responses])}
 
     labeler = Labeler(_Ctx(World()), IteratedRLHFConfig())

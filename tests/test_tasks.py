@@ -134,7 +134,33 @@ def test_sentiment_gold_hand_computed_cases():
     assert g["good good ."] < g["good ."]
 
 
-@pytest.mark.parametrize("name,threshold", [("sentiment", 0.75), ("hh", 0.75)])
+def test_sentiment_gold_costs_verbosity_that_the_labelers_reward():
+    lang = SentimentLanguage()
+    short = "good . the film was great ."  # 7 tokens: no verbosity cost
+    long = "good . the film was great . the plot is fun ."  # 12 tokens: 4 beyond the 8th
+    quality = {short: 2 * math.tanh(1.0), long: 2 * math.tanh(1.5)}
+    for r, n, excess in ((short, 7, 0), (long, 12, 4)):
+        assert math.isclose(lang.gold("the movie was", r)["gold_reward"], quality[r] - 0.3 * excess)
+        assert math.isclose(lang.labeler_view("the movie was", r)["gold_reward"], quality[r] + 0.1 * n)
+    # the labelers prefer the longer review; the gold prefers the shorter one
+    assert lang.labeler_view("", long)["gold_reward"] > lang.labeler_view("", short)["gold_reward"]
+    assert lang.gold("", long)["gold_reward"] < lang.gold("", short)["gold_reward"]
+
+
+def test_rankings_keep_the_gold_while_labelers_rank_what_they_perceive(sentiment_task):
+    ranks = sentiment_task.dataset("rankings_reward").select(range(50))
+    lang = sentiment_task.language
+    for p, rs, gold in zip(ranks["prompt"], ranks["responses"], ranks["gold"], strict=True):
+        assert gold == [lang.gold(p, r)["gold_reward"] for r in rs]
+    # over the rankings, the labelers' first choice is longer than their last (revision 0's unbiased
+    # labelers: 0.91 tokens shorter; revision 1: 0.96 longer)
+    ranks = sentiment_task.dataset("rankings_reward")
+    first = np.mean([len(rs[0].split()) for rs in ranks["responses"]])
+    last = np.mean([len(rs[-1].split()) for rs in ranks["responses"]])
+    assert first - last > 0.5
+
+
+@pytest.mark.parametrize("name,threshold", [("sentiment", 0.70), ("hh", 0.75)])  # sentiment: length-biased labelers
 def test_reward_models_beat_chance_against_gold(name, threshold, sentiment_task, hh_task):
     task = {"sentiment": sentiment_task, "hh": hh_task}[name]
     for rm in task.manifest["reward_models"].values():

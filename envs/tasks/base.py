@@ -46,6 +46,11 @@ class Language(Protocol):
     def gold(self, prompt: str, response: str) -> dict[str, float]:
         """Gold reward(s) of ``response`` to ``prompt``; keys = ``objectives``. Higher is better."""
 
+    # optional: ``labeler_view(prompt, response) -> dict[str, float]``, what the simulated labelers
+    # perceive when they rank responses (keys = ``objectives``); absent, they perceive the gold reward
+    # (`rlhf_zoo_envs.tasks.labelers.perceived`). A view that differs from the gold in a systematic way
+    # is what makes a learned proxy exploitable (sentiment: labelers like length the gold penalises).
+
 
 class RewardFunction(Protocol):
     """Scores whole sequences ``[prompt (left-padded to P) | response (right-padded)]``."""
@@ -236,5 +241,13 @@ class Task(World):
     def gold(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
         """Gold objectives for each pair.  -> {objective: (B,) float64}"""
         values = [self.language.gold(p, r) for p, r in zip(prompts, responses, strict=True)]
+        return {k: np.array([v[k] for v in values], dtype=np.float64) for k in self.objectives}
+
+    def labeler_view(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+        """What the task's simulated labelers perceive of each pair (the gold, unless the language says
+        otherwise: `rlhf_zoo_envs.tasks.labelers.perceived`).  -> {objective: (B,) float64}"""
+        from rlhf_zoo_envs.tasks.labelers import perceived
+
+        values = [perceived(self.language, p, r) for p, r in zip(prompts, responses, strict=True)]
         return {k: np.array([v[k] for v in values], dtype=np.float64) for k in self.objectives}
 

@@ -189,20 +189,23 @@ def _build(name: str, language: Any, spec: BuildSpec, seed: int, path: Path, pro
     responses = _sample_responses(model, tok, rank_prompts, spec, suppress, seed)  # [n_rank][K]
     gold = {obj: np.array([[language.gold(p, r)[obj] for r in rs] for p, rs in zip(rank_prompts, responses, strict=True)])
             for obj in language.objectives}
+    seen = [[labelers.perceived(language, p, r) for r in rs] for p, rs in zip(rank_prompts, responses, strict=True)]
+    view = {obj: np.array([[v[obj] for v in row] for row in seen]) for obj in language.objectives}
     label_rng = _rng(seed, "labelers")
     rankings: dict[str, dict[str, list]] = {}
     labeler_stats: dict[str, dict[str, float]] = {}
 
     def label(name: str, objective: str) -> datasets.Dataset:
-        """Rank every prompt's K responses by ``objective`` with simulated labelers."""
-        g = gold[objective]
-        tau = 1.0 if spec.labeler_agreement is None else labelers.calibrate_temperature(g[: spec.ranking_prompts],
+        """Rank every prompt's K responses by ``objective`` with simulated labelers (on what they perceive,
+        `labelers.perceived`; the ``gold`` column keeps the gold reward)."""
+        v = view[objective]
+        tau = 1.0 if spec.labeler_agreement is None else labelers.calibrate_temperature(v[: spec.ranking_prompts],
                                                                                        spec.labeler_agreement)
         labeler_stats[name] = {"objective": objective, "temperature": tau,
-                               "inter_labeler_agreement": labelers.agreement(g[: spec.ranking_prompts], tau)}
+                               "inter_labeler_agreement": labelers.agreement(v[: spec.ranking_prompts], tau)}
         cols: dict[str, list] = {"prompt": [], "responses": [], "gold": [], "levels": [], "margins": []}
-        for p, rs, gv in zip(rank_prompts, responses, g, strict=True):
-            order, levels = labelers.rank(gv, tau, label_rng)
+        for p, rs, gv, vv in zip(rank_prompts, responses, gold[objective], v, strict=True):
+            order, levels = labelers.rank(vv, tau, label_rng)
             cols["prompt"].append(p)
             cols["responses"].append([rs[i] for i in order])
             cols["gold"].append([float(gv[i]) for i in order])

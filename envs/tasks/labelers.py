@@ -1,6 +1,7 @@
 """Simulated labelers: rankings, preference strengths and margins drawn from the gold reward.
 
-A labeler ranks K responses by Plackett-Luce on utilities u = gold / tau (the K-way form of
+A labeler ranks K responses by Plackett-Luce on utilities u = v / tau, where v is what the labeler
+perceives: the gold reward, or a language's ``labeler_view`` where labelers are biased (`perceived`) (the K-way form of
 Bradley-Terry; for two responses P(i above j) = sigmoid((g_i - g_j) / tau)). The temperature tau is
 calibrated so that two independent labelers agree on about 70% of pairs, inside the 63-75% band that
 InstructGPT and Llama 2 report. Each pair also gets a strength level (Llama 2: negligibly better /
@@ -9,6 +10,8 @@ margin of Llama 2's "small" variant, level / 3.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +61,14 @@ def rank(gold: np.ndarray, tau: float, rng: np.random.Generator) -> tuple[np.nda
     a, b = np.triu_indices(len(gold), 1)
     levels = np.searchsorted(LEVEL_THRESHOLDS, perceived[a] - perceived[b], side="right")
     return order, levels
+
+
+def perceived(language: Any, prompt: str, response: str) -> dict[str, float]:
+    """What a labeler perceives of ``response``: the language's ``labeler_view`` where it has one (a
+    systematic bias, e.g. sentiment's liking for length), else its gold reward. Every ranking the zoo
+    simulates (the task build's, iterated RLHF's, the over-optimisation benchmark's) goes through here."""
+    view = getattr(language, "labeler_view", None)
+    return view(prompt, response) if view is not None else language.gold(prompt, response)
 
 
 def margins_from_levels(levels: np.ndarray) -> np.ndarray:

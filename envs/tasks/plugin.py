@@ -16,7 +16,7 @@ EXACT_SPEC = BuildSpec(
     num_heads=2, max_positions=16, pretrain_docs=4000, pretrain_steps=300, sft_examples=1000, sft_steps=150,
     train_prompts=512, eval_prompts=9, ranking_prompts=6000, heldout_prompts=300, rm_steps=300,
 )
-SENTIMENT_SPEC = BuildSpec(max_new_tokens=16, beta=0.1, missing_eos_penalty=1.0)
+SENTIMENT_SPEC = BuildSpec(max_new_tokens=16, beta=0.1, missing_eos_penalty=1.0, revision=1)  # labeler length bias
 HH_SPEC = BuildSpec(max_new_tokens=20, beta=0.1, missing_eos_penalty=1.0,
                     reward_models={"helpful": "helpfulness", "safety": "harmlessness"}, revision=1)
 

@@ -8,13 +8,20 @@ Grammar of a response (the continuation of ``SUBJ VERB``)::
     response := ADJP [CONJ ADJP] "." { SUBJ VERB ADJP [CONJ ADJP] "." }
     ADJP     := ["not" | "never"] [INTENSIFIER] ADJECTIVE
 
-Gold reward = sentiment + fluency:
+Gold reward = sentiment + fluency - verbosity:
   * an adjective is +1 (positive), -1 (negative) or 0 (neutral); an intensifier multiplies by 1.5; a
     negation flips and damps it (x -0.6: "not bad" is mildly positive); in ``A but B`` the clause after
     "but" weighs 1.5 and the one before 0.5; sentiment = 2 tanh(sum / 2), so it saturates.
   * fluency: -0.75 per token the grammar cannot place, -0.5 per repeated adjective or doubled word,
     -0.5 for a missing final ".", -2 for an empty response.
-A proxy reward model trained on noisy preferences over this gold reward is imperfect, and exploitable.
+  * verbosity: -0.3 per token beyond the 8th (a review padded with more clauses says nothing more).
+
+The simulated labelers (data revision 1) do not see the verbosity cost: they rank by sentiment +
+fluency + 0.1 per token (a longer review reads as more detailed), the length bias human labelers show
+(Singhal et al. 2023). The reward model learns it from their rankings, so the proxy can be exploited
+the way Gao, Schulman and Hilton (2022) measure: optimised far enough against it, a policy lengthens
+its reviews, the proxy keeps rising and the gold reward falls. (Revision 0 had unbiased labelers; its
+proxy was too faithful for the gold to fall at any KL a run reaches, docs/decisions.md.)
 """
 
 from __future__ import annotations
@@ -43,6 +50,9 @@ UNPLACED_TOKEN_PENALTY = 0.75
 REPEAT_PENALTY = 0.5
 MISSING_PERIOD_PENALTY = 0.5
 EMPTY_PENALTY = 2.0
+VERBOSE_AFTER = 8  # tokens a response may use before each further token costs VERBOSITY_PENALTY
+VERBOSITY_PENALTY = 0.3
+LABELER_LENGTH_BONUS = 0.1  # per token, in what the labelers perceive (not in the gold)
 
 
 class SentimentLanguage:
@@ -95,10 +105,11 @@ class SentimentLanguage:
         return " ".join(words)
 
     # --- gold reward ----------------------------------------------------------------------------------
-    def gold(self, prompt: str, response: str) -> dict[str, float]:
+    def _quality(self, response: str) -> float:
+        """Sentiment + fluency (the gold reward before its verbosity cost)."""
         tokens = response.split()
         if not tokens:
-            return {"gold_reward": -EMPTY_PENALTY}
+            return -EMPTY_PENALTY
         sentiment, unplaced = _parse(tokens)
         repeats = sum(a == b for a, b in zip(tokens, tokens[1:], strict=False))
         adjectives = [t for t in tokens if t in POLARITY]
@@ -106,7 +117,16 @@ class SentimentLanguage:
         fluency = -UNPLACED_TOKEN_PENALTY * unplaced - REPEAT_PENALTY * repeats
         if tokens[-1] != ".":
             fluency -= MISSING_PERIOD_PENALTY
-        return {"gold_reward": 2.0 * math.tanh(sentiment / 2.0) + fluency}
+        return 2.0 * math.tanh(sentiment / 2.0) + fluency
+
+    def gold(self, prompt: str, response: str) -> dict[str, float]:
+        n = len(response.split())
+        verbosity = VERBOSITY_PENALTY * max(0, n - VERBOSE_AFTER)
+        return {"gold_reward": self._quality(response) - verbosity}
+
+    def labeler_view(self, prompt: str, response: str) -> dict[str, float]:
+        """What the labelers perceive: no verbosity cost, and a small bonus per token."""
+        return {"gold_reward": self._quality(response) + LABELER_LENGTH_BONUS * len(response.split())}
 
 
 def _parse(tokens: list[str]) -> tuple[float, int]:

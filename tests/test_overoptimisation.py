@@ -1,0 +1,56 @@
+"""The estimators and fits of benchmarks/overoptimisation.py (Gao et al. 2022 measurements) against
+brute force and synthetic curves."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "overoptimisation.py"
+
+
+@pytest.fixture(scope="module")
+def oo():
+    spec = importlib.util.spec_from_file_location("overoptimisation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("m,n", [(6, 1), (6, 2), (6, 3), (7, 4), (5, 5)])
+def test_best_of_n_estimator_is_the_mean_over_every_n_subset(oo, m, n):
+    rng = np.random.default_rng(m * 10 + n)
+    proxy, gold = rng.normal(size=(3, m)), rng.normal(size=(3, m))
+    brute = np.mean([np.mean([gold[p, max(s, key=lambda i: proxy[p, i])] for s in itertools.combinations(range(m), n)])
+                     for p in range(3)])
+    assert oo.best_of_n(proxy, gold, n) == pytest.approx(brute, abs=1e-12)
+    assert oo.bon_weights(m, n).sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_best_of_n_kl_is_the_exact_kl_of_the_best_of_n_distribution_for_distinct_scores(oo):
+    m = 50  # pi_ref uniform over m distinct responses; best-of-n of the i-th lowest: (i^n - (i-1)^n) / m^n
+    for n in (1, 2, 4, 16):
+        q = np.array([(i**n - (i - 1) ** n) / m**n for i in range(1, m + 1)])
+        exact = float(np.sum(q * np.log(q * m)))
+        assert exact <= oo.bon_kl(n) + 1e-12  # the analytic form bounds it and is its large-m limit
+        assert exact == pytest.approx(oo.bon_kl(n), abs=0.03 * n / 16 + 1e-9)
+
+
+@pytest.mark.parametrize("form,alpha,beta", [("bon", 1.2, 0.4), ("rl", 0.8, 0.3)])
+def test_fit_recovers_the_coefficients_and_the_peak_of_a_synthetic_curve(oo, form, alpha, beta):
+    d = np.linspace(0.0, 4.0, 30)
+    f = d if form == "bon" else np.log(np.maximum(d, 1e-12))
+    gain = d * (alpha - beta * f)
+    rng = np.random.default_rng(0)
+    fitted = oo.fit(d, gain + rng.normal(scale=1e-3, size=d.shape), form)
+    assert fitted["alpha"] == pytest.approx(alpha, abs=5e-3)
+    assert fitted["beta"] == pytest.approx(beta, abs=5e-3)
+    assert fitted["r2"] > 0.999
+    peak_d = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
+    assert fitted["peak_d"] == pytest.approx(peak_d, rel=0.02)
+    assert fitted["peak_kl"] == pytest.approx(peak_d**2, rel=0.04)
