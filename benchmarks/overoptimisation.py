@@ -185,7 +185,7 @@ def ppo_curve(task_name: str, beta: float, args, out_dir: Path, reward: str | No
     """A long PPO run with KL coefficient ``beta`` evaluated every ``args.ppo_eval_every`` iterations."""
     run_dir = out_dir / "runs" / f"ppo-{task_name}-beta{beta:g}"
     options = {"beta": beta, "iterations": args.ppo_iterations, "eval_every": args.ppo_eval_every,
-               "eval_prompts": args.prompts, "eval_samples": 4}
+               "eval_prompts": args.prompts, "eval_samples": 4, "lr_schedule": "constant"}  # (keeps moving)
     t0 = time.perf_counter()
     run("ppo", task=task_name, seed=args.seed, out=run_dir, device=args.device, options=options, progress=False,
         checkpoint_every=0)

@@ -137,9 +137,9 @@ def test_sentiment_gold_hand_computed_cases():
 def test_sentiment_gold_costs_verbosity_that_the_labelers_reward():
     lang = SentimentLanguage()
     short = "good . the film was great ."  # 7 tokens: no verbosity cost
-    long = "good . the film was great . the plot is fun ."  # 12 tokens: 4 beyond the 8th
+    long = "good . the film was great . the plot is fun ."  # 12 tokens: 2 beyond the 10th
     quality = {short: 2 * math.tanh(1.0), long: 2 * math.tanh(1.5)}
-    for r, n, excess in ((short, 7, 0), (long, 12, 4)):
+    for r, n, excess in ((short, 7, 0), (long, 12, 2)):
         assert math.isclose(lang.gold("the movie was", r)["gold_reward"], quality[r] - 0.3 * excess)
         assert math.isclose(lang.labeler_view("the movie was", r)["gold_reward"], quality[r] + 0.1 * n)
     # the labelers prefer the longer review; the gold prefers the shorter one
@@ -160,7 +160,7 @@ def test_rankings_keep_the_gold_while_labelers_rank_what_they_perceive(sentiment
     assert first - last > 0.5
 
 
-@pytest.mark.parametrize("name,threshold", [("sentiment", 0.70), ("hh", 0.75)])  # sentiment: length-biased labelers
+@pytest.mark.parametrize("name,threshold", [("sentiment", 0.75), ("hh", 0.75)])
 def test_reward_models_beat_chance_against_gold(name, threshold, sentiment_task, hh_task):
     task = {"sentiment": sentiment_task, "hh": hh_task}[name]
     for rm in task.manifest["reward_models"].values():

@@ -14,7 +14,7 @@ Gold reward = sentiment + fluency - verbosity:
     "but" weighs 1.5 and the one before 0.5; sentiment = 2 tanh(sum / 2), so it saturates.
   * fluency: -0.75 per token the grammar cannot place, -0.5 per repeated adjective or doubled word,
     -0.5 for a missing final ".", -2 for an empty response.
-  * verbosity: -0.3 per token beyond the 8th (a review padded with more clauses says nothing more).
+  * verbosity: -0.3 per token beyond the 10th (a review padded with more clauses says nothing more).
 
 The simulated labelers (data revision 1) do not see the verbosity cost: they rank by sentiment +
 fluency + 0.1 per token (a longer review reads as more detailed), the length bias human labelers show
@@ -50,7 +50,7 @@ UNPLACED_TOKEN_PENALTY = 0.75
 REPEAT_PENALTY = 0.5
 MISSING_PERIOD_PENALTY = 0.5
 EMPTY_PENALTY = 2.0
-VERBOSE_AFTER = 8  # tokens a response may use before each further token costs VERBOSITY_PENALTY
+VERBOSE_AFTER = 10  # tokens a response may use before each further token costs VERBOSITY_PENALTY
 VERBOSITY_PENALTY = 0.3
 LABELER_LENGTH_BONUS = 0.1  # per token, in what the labelers perceive (not in the gold)
 
