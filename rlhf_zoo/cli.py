@@ -11,9 +11,8 @@ import json
 import os
 import shlex
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any
 
 import click
 import typer
@@ -22,7 +21,8 @@ from rlhf_zoo.config import MAX_SEED, read_json_object
 from rlhf_zoo.errors import ConfigError, UnknownNameError, ZooError
 
 app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offline tasks with a gold reward.",
-                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+                  add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)  # plain click help, as `zoo run ALGO --help`; rich costs 0.1-0.2 s at start-up
 
 RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
                "resume", "overwrite", "nproc", "config", "quiet")
@@ -35,16 +35,34 @@ INTERRUPTED = 130  # the exit code of a run stopped by Ctrl-C (128 + SIGINT)
 _ARGV: list[str] = []  # the command line as given, for relaunching under torch's elastic launcher
 
 
+def _quiet_hf() -> None:
+    """Before a command that loads models: no per-file "Loading weights" bars (ours show progress).
+    Here, not at start-up: transformers is imported only by the commands that need it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _registry():
+    """The plugins, loaded (torch and all): for commands that run something."""
     from rlhf_zoo.registry import get_registry
 
+    _quiet_hf()
     return get_registry()
+
+
+def _catalog():
+    """What the plugins registered, without loading them where an up-to-date index exists
+    (`rlhf_zoo.catalog`): for ``zoo list`` and the options of ``zoo run ALGO``."""
+    from rlhf_zoo.catalog import get_catalog
+
+    return get_catalog()
 
 
 @app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List algorithms, tasks and reward functions, with the plugin that provides each."""
-    reg = _registry()
+    reg = _catalog()
 
     def rows(kind: str, table: dict[str, Any]) -> list[dict[str, str]]:
         out = []
@@ -103,6 +121,7 @@ def bench_cmd(
     """Benchmark algorithms (IQM, bootstrap CIs, probability of improvement); resumes an existing --out."""
     from rlhf_zoo.bench.command import bench
 
+    _quiet_hf()
     results = bench(out=out, suite=suite, algos=algos, tasks=tasks, seeds=seeds, preset=preset, device=device,
                     progress=not quiet)
     ex = results["execution"]
@@ -164,7 +183,7 @@ def check_cmd(
 class LiteralChoice(click.Choice):
     """A click Choice over a Literal's values that converts back to the value's own type."""
 
-    def __init__(self, values: tuple[Any, ...]) -> None:
+    def __init__(self, values: list[Any]) -> None:
         self.values = {str(v): v for v in values}
         super().__init__(list(self.values))
 
@@ -173,29 +192,22 @@ class LiteralChoice(click.Choice):
 
 
 def _click_type(tp: Any) -> tuple[Any, bool]:
-    """(click type, is_flag) for a config field annotation."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        return LiteralChoice(get_args(tp)), False
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        return _click_type(args[0]) if len(args) == 1 else (str, False)
-    if tp is bool:
+    """(click type, is_flag) for a config field's type (`rlhf_zoo.catalog.field_type`)."""
+    if isinstance(tp, list):
+        return LiteralChoice(tp), False
+    if tp == "bool":
         return bool, True
-    return {int: int, float: float, str: str}.get(tp, str), False
+    return {"int": int, "float": float}.get(tp, str), False
 
 
 def _algorithm_command(name: str) -> click.Command:
-    from rlhf_zoo.registry import get_registry
-
-    algo = get_registry().algorithm(name)
-    hints = typing.get_type_hints(algo.config_cls)
+    algo = _catalog().algorithm(name)
     params: list[click.Parameter] = [
         click.Option(["--task"], default=None, help="Built-in task to run on [default: sentiment]; or give --model."),
         click.Option(["--seed"], type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                      help=f"Run seed, {SEED_HELP}."),
         click.Option(["--out"], type=click.Path(path_type=Path), default=None, help="Run directory [runs/ALGO-TASK-sSEED]."),
-        click.Option(["--preset"], default=None, help=f"Preset: default, {', '.join(sorted(algo.config_cls.presets))}."),
+        click.Option(["--preset"], default=None, help=f"Preset: default, {', '.join(algo.presets)}."),
         click.Option(["--device"], default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.Option(["--task-seed"], type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
                      help=f"Seed of the task's world, {SEED_HELP}."),
@@ -216,13 +228,12 @@ def _algorithm_command(name: str) -> click.Command:
                           "(gloo on CPU, NCCL on GPUs)."),
     ]
     params += _setup_params()
-    for f in dataclasses.fields(algo.config_cls):
+    for f in algo.fields:
         if f.name in RUN_OPTIONS or f.name in SETUP_OPTIONS:
             raise ConfigError(f"algorithm {name!r}: config field {f.name!r} clashes with a zoo run option")
-        ctype, is_flag = _click_type(hints[f.name])
+        ctype, is_flag = _click_type(f.type)
         flag = "--" + f.name.replace("_", "-")
-        default_note = f" [default: {f.default}]" if f.default is not dataclasses.MISSING else ""
-        help_text = f.metadata.get("help", "") + default_note
+        help_text = f.help + (f" [default: {f.default}]" if f.default is not None else "")
         if is_flag:
             params.append(click.Option([f"{flag}/--no-{f.name.replace('_', '-')}"], default=None, help=help_text))
         else:
@@ -231,6 +242,7 @@ def _algorithm_command(name: str) -> click.Command:
     def callback(**kwargs: Any) -> None:
         from rlhf_zoo.runner import run
 
+        _quiet_hf()
         common = {k: kwargs.pop(k) for k in RUN_OPTIONS}
         setup = {k: kwargs.pop(k) for k in SETUP_OPTIONS}
         setup["reward_weights"] = _weights(setup["reward_weights"])
@@ -258,9 +270,8 @@ def _algorithm_command(name: str) -> click.Command:
         if "rank" not in summary:  # the other ranks of a data-parallel run print nothing
             _print_summary(summary, out)
 
-    doc = (algo.config_cls.__doc__ or "").strip().splitlines()
     return click.Command(name, params=params, callback=callback,
-                         help=algo.description + ("\n\n" + doc[0] if doc and not doc[0].startswith(algo.config_cls.__name__) else ""))
+                         help=algo.description + ("\n\n" + algo.doc if algo.doc else ""))
 
 
 def _setup_params() -> list[click.Parameter]:
@@ -364,16 +375,16 @@ class RunGroup(click.Group):
     """``zoo run ALGO``: algorithms come from the plugin registry."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_registry().algorithms)
+        return sorted(_catalog().algorithms)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        return _algorithm_command(name) if name in _registry().algorithms else None
+        return _algorithm_command(name) if name in _catalog().algorithms else None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         name = args[0]
-        if name not in _registry().algorithms and not name.startswith("-"):
+        if name not in _catalog().algorithms and not name.startswith("-"):
             try:
-                _registry().algorithm(name)
+                _catalog().algorithm(name)
             except UnknownNameError as e:  # lists the known names; says so when its plugin failed to load
                 raise click.UsageError(str(e)) from None
         return super().resolve_command(ctx, args)
@@ -391,9 +402,6 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns (and exits with) the exit code."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars; our own bars show progress
     _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     # Typer vendors its own click, so its exceptions are caught next to click's (the run group is click's).
     try:

@@ -11,6 +11,9 @@ A plugin that fails to import, or whose registration hook raises, is recorded in
 a plugin that failed says so, with its error. Where entry points share a name, the built-in one is loaded
 first, and a name is taken only by a plugin that loaded: a broken plugin never hides a working one. Two
 plugins registering one algorithm, task or reward name raise `DuplicateNameError`.
+
+``zoo list`` and ``zoo run ALGO --help`` read the registrations as data (`rlhf_zoo.catalog`), from an
+index that spares importing the plugins while nothing they came from has changed.
 """
 
 from __future__ import annotations
@@ -110,27 +113,13 @@ class Registry:
     manager: pluggy.PluginManager | None = None
 
     def algorithm(self, name: str) -> Algorithm:
-        return self._lookup(self.algorithms, name, "algorithm")
+        return lookup(self.algorithms, name, "algorithm", self.load_errors)
 
     def task(self, name: str) -> TaskSpec:
-        return self._lookup(self.tasks, name, "task")
+        return lookup(self.tasks, name, "task", self.load_errors)
 
     def reward_function(self, name: str) -> RewardFunctionSpec:
-        return self._lookup(self.reward_functions, name, "reward function")
-
-    def _lookup(self, table: dict[str, Any], name: str, kind: str) -> Any:
-        """``table[name]``; an unknown name raises `UnknownNameError` listing the known ones, and saying so
-        when a plugin of that name failed to load (with its error) or when any plugin failed to load."""
-        if name in table:
-            return table[name]
-        failed = next((e for e in self.load_errors if e.plugin == name), None)
-        if failed is not None:
-            raise UnknownNameError(f"{kind} {name!r} is not available: plugin {name!r} ({failed.distribution}) "
-                                   f"failed to load: {failed.error}")
-        known = ", ".join(sorted(table)) or "(none)"
-        broken = ", ".join(repr(e.plugin) for e in self.load_errors)
-        raise UnknownNameError(f"unknown {kind} {name!r}; known: {known}"
-                               + (f" (plugins that failed to load: {broken}; see zoo list)" if broken else ""))
+        return lookup(self.reward_functions, name, "reward function", self.load_errors)
 
     def _add(self, kind: str, table: dict[str, Any], item: Any, plugin: PluginInfo) -> None:
         name = item.name
@@ -144,11 +133,26 @@ class Registry:
         self.provided_by[(kind, name)] = plugin
 
 
+def lookup(table: dict[str, Any], name: str, kind: str, load_errors: list[LoadError]) -> Any:
+    """``table[name]``; an unknown name raises `UnknownNameError` listing the known ones, and saying so
+    when a plugin of that name failed to load (with its error) or when any plugin failed to load."""
+    if name in table:
+        return table[name]
+    failed = next((e for e in load_errors if e.plugin == name), None)
+    if failed is not None:
+        raise UnknownNameError(f"{kind} {name!r} is not available: plugin {name!r} ({failed.distribution}) "
+                               f"failed to load: {failed.error}")
+    known = ", ".join(sorted(table)) or "(none)"
+    broken = ", ".join(repr(e.plugin) for e in load_errors)
+    raise UnknownNameError(f"unknown {kind} {name!r}; known: {known}"
+                           + (f" (plugins that failed to load: {broken}; see zoo list)" if broken else ""))
+
+
 def _blocked() -> set[str]:
     return {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
 
 
-def _entry_point_dist(ep: metadata.EntryPoint) -> tuple[str, str]:
+def entry_point_dist(ep: metadata.EntryPoint) -> tuple[str, str]:
     dist = getattr(ep, "dist", None)
     if dist is None:
         return "unknown", "unknown"
@@ -179,9 +183,9 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
     # built-ins first where names are shared; a name is taken only by a plugin that loaded, so a broken
     # plugin never hides a working one of the same name
     entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP),
-                          key=lambda e: (e.name, not _is_core(_entry_point_dist(e)[0])))
+                          key=lambda e: (e.name, not _is_core(entry_point_dist(e)[0])))
     for ep in entry_points:
-        dist, version = _entry_point_dist(ep)
+        dist, version = entry_point_dist(ep)
         if ep.name in blocked:
             continue
         if not autoload and not _is_core(dist):
@@ -245,4 +249,9 @@ def get_registry(refresh: bool = False) -> Registry:
     global _REGISTRY
     if _REGISTRY is None or refresh:
         _REGISTRY = build_registry()
+    return _REGISTRY
+
+
+def loaded_registry() -> Registry | None:
+    """The process-wide registry if it is built, else None (nothing is loaded)."""
     return _REGISTRY
