@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 
 from rlhf_zoo.accel import cached_weight_casts
 from rlhf_zoo.ops.kv_cache import cached_forward
@@ -90,3 +91,16 @@ def sample(
                                          position_ids=next_pos, cache=cache)[:, -1]
             next_pos = next_pos + 1
     return Samples(ids, mask, logprobs, finished)
+
+
+def generation_config(world: Any, temperature: float, max_new_tokens: int) -> GenerationConfig:
+    """The `GenerationConfig` under which a plain ``model.generate(**inputs)`` samples from the
+    distribution `sample` draws from in ``world``: softmax(logits / temperature) with the world's
+    ``suppress_ids`` at -inf (``suppress_tokens``, the same mask), no other processor or warper
+    (``top_k=0``: transformers would otherwise keep the 50 likeliest tokens), up to ``max_new_tokens``,
+    stopping at EOS and padding after it. `rlhf_zoo.runner.save_model` saves it with every policy, so
+    whoever loads one samples as the zoo did (with the tokenizer of `World.tokenizer_for_saving`)."""
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                            max_new_tokens=max_new_tokens, suppress_tokens=list(world.suppress_ids) or None,
+                            eos_token_id=world.eos_token_id, pad_token_id=world.pad_token_id,
+                            bos_token_id=world.tokenizer.bos_token_id)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from rlhf_zoo.accel import autocast, synchronize
 from rlhf_zoo.checkpoint import (
@@ -58,6 +59,7 @@ from rlhf_zoo.config import AlgoConfig, check_seed
 from rlhf_zoo.distributed import SINGLE, Dist, init_from_env
 from rlhf_zoo.errors import ConfigError, NonFiniteError
 from rlhf_zoo.evaluation import evaluate
+from rlhf_zoo.generation import generation_config
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
 from rlhf_zoo.registry import Algorithm, Registry, get_registry
 from rlhf_zoo.rewards import MissingReward
@@ -503,15 +505,19 @@ def win_rate(scores: Any, baseline_scores: Any) -> float:
     return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
-def save_model(model: Any, tokenizer: Any, path: Path, adapter_dir: Path | None = None) -> None:
+def save_model(model: Any, tokenizer: Any, path: Path, adapter_dir: Path | None = None,
+               generation: GenerationConfig | None = None) -> None:
     """A model directory that the Auto classes load: weights (safetensors), config, generation config
     and the tokenizer (chat template included). A LoRA model is saved merged; its adapter goes to
-    ``adapter_dir``."""
+    ``adapter_dir``. ``generation``: a policy's generation config (`rlhf_zoo.generation.generation_config`,
+    how the zoo sampled it), which replaces the model's own."""
     from rlhf_zoo.adapters import merged_for_saving
 
     model = merged_for_saving(model, adapter_dir)
     gen = getattr(model, "generation_config", None)
-    if gen is not None:  # generation stops at the EOS the responses were trained to end with
+    if gen is not None and generation is not None:
+        model.generation_config = generation
+    elif gen is not None:  # generation stops at the EOS the responses were trained to end with
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id
         if gen.bos_token_id is None and tokenizer.bos_token_id is not None:
@@ -622,12 +628,13 @@ def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     # 3) evaluation against the SFT baseline on the same prompts and seed
     summary: dict[str, Any] = {"algorithm": algo.name, "task": task, "seed": seed}
     if isinstance(result, RewardModelResult):
-        save_model(result.model, the_task.tokenizer, out / "model")
+        save_model(result.model, the_task.tokenizer_for_saving(), out / "model")
         summary.update(result.metrics)
     else:
         with ctx.phase("evaluate"), autocast(ctx.device):
             summary.update(_evaluate_against_baseline(ctx, result))
-        save_model(result.model, the_task.tokenizer, out / "policy", adapter_dir=out / "adapter")
+        save_model(result.model, the_task.tokenizer_for_saving(), out / "policy", adapter_dir=out / "adapter",
+                   generation=generation_config(the_task, config.temperature, ctx.max_new_tokens))
     wall = time.perf_counter() - wall_start
     tokens = ctx.counters["generated_tokens"] + ctx.counters["trained_tokens"] + summary.pop("generated_tokens", 0)
     summary.update({

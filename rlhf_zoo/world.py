@@ -18,6 +18,7 @@ Text conventions:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -102,6 +103,18 @@ class World:
     def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of prompts, with BOS exactly when the tokenizer's convention adds one."""
         return [bos_once(self.tokenizer, p) for p in prompts]
+
+    def tokenizer_for_saving(self) -> Any:
+        """The tokenizer a saved model ships with: a copy of the world's that encodes a prompt as the world
+        does (BOS in front where the world puts one and the tokenizer itself would not, as on the built-in
+        tasks) and pads on the left, as batched ``generate`` needs."""
+        tok = copy.deepcopy(self.tokenizer)
+        tok.padding_side = "left"
+        tok.init_kwargs["padding_side"] = "left"  # what save_pretrained writes to tokenizer_config.json
+        bos = tok.bos_token_id
+        if bos is not None and self.prompt_token_ids([""])[0][:1] == [bos] and bos_once(tok, "")[:1] != [bos]:
+            tok.add_bos_token = True  # a BOS-adding post-processor (saved in tokenizer.json)
+        return tok
 
     def response_token_ids(self, responses: Sequence[str]) -> list[list[int]]:
         """Token ids of responses with EOS appended (no BOS)."""
