@@ -185,10 +185,14 @@ def ppo_curve(task_name: str, beta: float, args, out_dir: Path, reward: str | No
     """A long PPO run with KL coefficient ``beta`` evaluated every ``args.ppo_eval_every`` iterations."""
     run_dir = out_dir / "runs" / f"ppo-{task_name}-beta{beta:g}"
     options = {"beta": beta, "iterations": args.ppo_iterations, "eval_every": args.ppo_eval_every,
-               "eval_prompts": args.prompts, "eval_samples": 4, "lr_schedule": "constant"}  # (keeps moving)
+               "eval_prompts": args.prompts, "eval_samples": 4, "lr_schedule": "constant",  # (keeps moving)
+               "learning_rate": args.ppo_lr}
     t0 = time.perf_counter()
-    run("ppo", task=task_name, seed=args.seed, out=run_dir, device=args.device, options=options, progress=False,
-        checkpoint_every=0)
+    if _finished_with(run_dir, options, args.seed):  # (a finished run of the same config is read, not redone)
+        print(f"ppo beta {beta}: reusing the finished run in {run_dir}", flush=True)
+    else:
+        run("ppo", task=task_name, seed=args.seed, out=run_dir, device=args.device, options=options, progress=False,
+            checkpoint_every=0, overwrite=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = [r for r in rows if "eval/gold_reward" in r]
     it = [r["iteration"] for r in curve]
@@ -204,7 +208,16 @@ def ppo_curve(task_name: str, beta: float, args, out_dir: Path, reward: str | No
             "observed_peak": {"iteration": it[peak], "kl": kl[peak], "gold": gold[peak],
                               "gold_falls_after_peak": bool(gold[-1] < gold[peak] - 1e-9),
                               "proxy_rises_after_peak": bool(max(prox[peak + 1:], default=prox[peak]) > prox[peak])},
-            "seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir)}
+            "seconds": json.loads((run_dir / "summary.json").read_text()).get("wall_seconds"), "run_dir": str(run_dir)}
+
+
+def _finished_with(run_dir: Path, options: dict, seed: int) -> bool:
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return ((run_dir / "summary.json").is_file() and config.get("seed") == seed
+            and all(config["config"].get(k) == v for k, v in options.items()))
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -269,7 +282,8 @@ def report(result: dict) -> str:
                      f"{p['n']}, {p['kl']:.2f}, {p['gold']:.3f} | {c['gold'][-1]:.3f} | {c['proxy'][int(np.log2(p['n']))]:.3f} -> {c['proxy'][-1]:.3f} |")
     for c in result.get("ppo", []):
         f, p = c["fit"], c["observed_peak"]
-        lines += ["", f"## PPO, beta = {c['beta']:g}, {c['iterations'][-1]} iterations ({c['seconds']:.0f} s)", "",
+        lines += ["", f"## PPO, beta = {c['beta']:g}, {c['iterations'][-1]} iterations, learning rate "
+                  f"{result['args']['ppo_lr']} ({c['seconds']:.0f} s)", "",
                   f"Fit: alpha {f['alpha']:.3f}, beta {f['beta']:.3f}, R^2 {f['r2']:.3f}, fitted peak at KL "
                   f"{f.get('peak_kl', float('nan')):.2f}. Observed peak: gold {p['gold']:.3f} at iteration {p['iteration']}, "
                   f"KL {p['kl']:.2f}; gold falls after it: {p['gold_falls_after_peak']}; proxy rises after it: "
@@ -294,7 +308,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="samples per sampling batch")
     ap.add_argument("--ppo-betas", default="0.01", help="PPO KL coefficients, comma-separated (empty: no PPO)")
     ap.add_argument("--ppo-iterations", type=int, default=300)
-    ap.add_argument("--ppo-eval-every", type=int, default=15)
+    ap.add_argument("--ppo-eval-every", type=int, default=10)
+    ap.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO policy learning rate (constant: small, so KL "
+                    "grows slowly enough to trace the gold curve)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()

@@ -54,13 +54,13 @@ PTX_STREAM = 7919  # offset of the pretraining-batch random stream from the run 
 
 @dataclass(frozen=True)
 class PPOConfig(AlgoConfig):
-    presets = {"quick": {"iterations": 40, "eval_prompts": 64, "lr_schedule": "constant"},
+    presets = {"quick": {"iterations": 40, "batch_prompts": 64, "eval_prompts": 64, "lr_schedule": "constant"},
                "smoke": {"iterations": 2, "batch_prompts": 8, "minibatches": 2, "epochs": 1, "eval_prompts": 2,
                          "eval_samples": 1}}
     kl_coefficient = "beta"
 
     iterations: int = option(600, "Rollout-and-update iterations.")
-    batch_prompts: int = option(64, "Prompts (episodes) per rollout.")
+    batch_prompts: int = option(128, "Prompts (episodes) per rollout.")
     epochs: int = option(4, "Passes over each rollout.")
     minibatches: int = option(4, "Minibatches per epoch.")
     learning_rate: float = option(5e-4, "Policy learning rate (AdamW).")
