@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,18 @@ def provenance_warnings(runs: list[RunResult]) -> list[str]:
     return out
 
 
+def timing(runs: list[RunResult], elapsed: float) -> dict[str, Any]:
+    """What the runs cost: the sum of their ``wall_seconds`` (summary.json: the run itself, without process
+    start-up), the sums of their whole processes' wall-clock and CPU times where recorded (start-up, task
+    loading and evaluation included; runs reused from before these were recorded are counted in
+    ``runs_without_process_time``), and this invocation's time spent running and reusing runs."""
+    timed = [r for r in runs if r.process_seconds is not None]
+    return {"run_wall_seconds": float(sum(float(r.summary.get("wall_seconds", 0.0)) for r in runs)),
+            "run_process_seconds": float(sum(r.process_seconds for r in timed)),
+            "run_cpu_seconds": float(sum(r.cpu_seconds or 0.0 for r in timed)),
+            "runs_without_process_time": len(runs) - len(timed), "elapsed_seconds": float(elapsed)}
+
+
 def known_results(suite: Suite, registry: Registry, records: list[dict[str, Any]]) -> dict[str, Any]:
     """Exact frontier and best-of-N checks for every enumerable task of the suite (e.g. ``exact``)."""
     out = {}
@@ -80,7 +93,9 @@ def run_bench(suite: Suite, out: str | Path, *, device: str = "auto", progress: 
     hf_logging.disable_progress_bar()  # per-file loading bars of the exact checks' model loads
     out, registry = Path(out), registry or get_registry()
     # 1-2) runs
+    start = time.perf_counter()
     runs = run_all(expand(suite, registry), out, device=device, progress=progress)
+    elapsed = time.perf_counter() - start
     # 3) aggregates
     ci = dict(n_resamples=n_resamples, seed=bootstrap_seed)
     records = aggregate.build_records(runs, **ci)
@@ -90,12 +105,14 @@ def run_bench(suite: Suite, out: str | Path, *, device: str = "auto", progress: 
         "protocol": {"checkpoint": "final", "seeds": "paired", "iqm": IQM_NOTE, "ci": "percentile",
                      "bootstrap": "stratified by task (seeds resampled within each task)",
                      "n_resamples": n_resamples, "confidence": stats.CONFIDENCE, "bootstrap_seed": bootstrap_seed,
-                     "budget": f"each algorithm's {suite.preset!r} preset (not equalised)"},
+                     "budget": f"each algorithm's {suite.preset!r} preset"
+                               + (" with the suite's options" if suite.options else "") + " (not equalised)"},
         "machine": machine_info(runs), "versions": versions(),
         "git_commits": sorted({r.run_config.get("git_commit") for r in runs}, key=str),
         "warnings": provenance_warnings(runs),
         "execution": {"runs": len(runs), "executed": sum(r.executed for r in runs),
                       "skipped": sum(not r.executed for r in runs)},
+        "timing": timing(runs, elapsed),
         "records": records,
         "probability_of_improvement": aggregate.improvement_pairs(records, **ci),
         # 4) known results

@@ -1,8 +1,10 @@
 """Benchmark figures (PNG, matplotlib's Agg backend), drawn from results.json's content alone:
 
 - ``frontier_TASK.png``: gold reward vs KL to the reference, one point per algorithm variant (IQM over
-  seeds, 95% interval bars on both axes), variants of one algorithm joined by increasing KL; on
-  ``exact`` also the exact optimal frontier (pi*_beta over a beta sweep) and the SFT point;
+  seeds, 95% interval bars on both axes), variants of one algorithm joined by increasing KL, and the SFT
+  policy at KL 0; on ``exact`` also the exact optimal frontier (pi*_beta over a beta sweep), drawn up to a
+  little past the largest KL a run reached so that the runs are not squeezed into a corner; beside it a
+  detail panel of the low-KL region when several variants crowd there;
 - ``overoptimisation_TASK.png``: proxy vs gold reward per run, one colour per algorithm (Gao et al.
   2022: past some point the proxy keeps rising while the gold reward stalls or falls);
 - ``systems_TASK.png``: time per phase (stacked, mean over seeds, the rest of the wall time as "other"),
@@ -46,12 +48,51 @@ def _err(m: dict[str, Any]) -> list[list[float]]:
     return [[max(m["iqm"] - lo, 0.0)], [max(hi - m["iqm"], 0.0)]]
 
 
-def frontier(task: str, records: list[dict[str, Any]], exact: dict[str, Any] | None, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    if exact:
-        ax.plot(exact["frontier"]["kl"], exact["frontier"]["reward"], "k-", lw=1.5, label="optimal pi*_beta (exact)")
-        ax.plot([0.0], [exact["baseline_gold_reward"]], "k*", ms=10, label="SFT (reference)")
+#: the exact frontier is drawn up to this multiple of the largest KL (upper interval end) a run reached
+CURVE_MARGIN = 1.3
+
+
+def curve_extent(curve: dict[str, list[float]], records: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """The exact frontier's (KL, reward) points up to ``CURVE_MARGIN`` x the largest KL of ``records`` (the
+    first point past it included, so the curve reaches the edge); the whole curve when no record has a KL."""
+    kls = [r["metrics"]["kl_to_ref"]["iqm_ci"][1] for r in records if "kl_to_ref" in r["metrics"]]
+    xs, ys = list(curve["kl"]), list(curve["reward"])
+    if not kls or max(kls) <= 0:
+        return xs, ys
+    limit = CURVE_MARGIN * max(kls)
+    n = next((i + 1 for i, x in enumerate(xs) if x > limit), len(xs))
+    return xs[:n], ys[:n]
+
+
+def sft_gold(records: list[dict[str, Any]]) -> float | None:
+    """The SFT policy's gold reward on the benchmark's evaluation (mean over runs), or None."""
+    values = [r["metrics"]["baseline_gold_reward"]["mean"] for r in records if "baseline_gold_reward" in r["metrics"]]
+    return sum(values) / len(values) if values else None
+
+
+#: the detail panel shows KL up to this share of the largest KL reached, where the short runs crowd
+DETAIL_SHARE = 0.3
+
+
+def detail_limit(records: list[dict[str, Any]]) -> float | None:
+    """The KL up to which the frontier plot's detail panel looks, or None when no detail is needed: fewer
+    than 3 variants lie below ``DETAIL_SHARE`` x the largest KL, or none above it."""
+    kls = [r["metrics"]["kl_to_ref"]["iqm"] for r in records if {"kl_to_ref", "gold_reward"} <= set(r["metrics"])]
+    if not kls or max(kls) <= 0:
+        return None
+    limit = DETAIL_SHARE * max(kls)
+    inside = sum(k <= limit for k in kls)
+    return limit if inside >= 3 and inside < len(kls) else None
+
+
+def _frontier_axes(ax: Any, records: list[dict[str, Any]], curve: tuple[list[float], list[float]] | None,
+                   sft: float | None, fontsize: int) -> None:
+    """The exact curve, the SFT point, and each algorithm's variants (joined by increasing KL, interval bars
+    on both axes, the default variant a square, the others labelled) on one axes."""
+    if curve:
+        ax.plot(*curve, "k-", lw=1.5, label="optimal pi*_beta (exact)")
+    if sft is not None:
+        ax.plot([0.0], [sft], "k*", ms=10, label="SFT (reference)")
     for i, (algo, recs) in enumerate(_by_algorithm(records).items()):
         recs = sorted((r for r in recs if {"gold_reward", "kl_to_ref"} <= set(r["metrics"])),
                       key=lambda r: r["metrics"]["kl_to_ref"]["iqm"])
@@ -60,12 +101,39 @@ def frontier(task: str, records: list[dict[str, Any]], exact: dict[str, Any] | N
         color = f"C{i % 10}"
         ax.plot(xs, ys, "-", color=color, alpha=0.5)
         for r, x, y in zip(recs, xs, ys, strict=True):
+            default = r["variant"] == DEFAULT_VARIANT
             ax.errorbar([x], [y], xerr=_err(r["metrics"]["kl_to_ref"]), yerr=_err(r["metrics"]["gold_reward"]),
-                        fmt="o", color=color, capsize=3, label=algo if r is recs[0] else None)
-            if r["variant"] != DEFAULT_VARIANT:
-                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    _finish(plt, fig, ax, path, "KL(pi || pi_ref)  (IQM over seeds, 95% CI)", "gold reward  (IQM over seeds, 95% CI)",
-            f"{task}: gold reward vs KL to the reference")
+                        fmt="s" if default else "o", ms=7 if default else 5, color=color, capsize=3,
+                        label=algo if r is recs[0] else None)
+            if not default:
+                ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=fontsize)
+
+
+def frontier(task: str, records: list[dict[str, Any]], exact: dict[str, Any] | None, path: Path) -> None:
+    plt = _pyplot()
+    limit = detail_limit(records)
+    fig, axes = plt.subplots(1, 2 if limit else 1, figsize=(15, 6.5) if limit else (8, 6), squeeze=False)
+    ax = axes[0][0]
+    sft = exact["baseline_gold_reward"] if exact else sft_gold(records)
+    curve = curve_extent(exact["frontier"], records) if exact else None
+    _frontier_axes(ax, records, curve, sft, 7)
+    xlabel, ylabel = "KL(pi || pi_ref)  (IQM over seeds, 95% CI)", "gold reward  (IQM over seeds, 95% CI)"
+    if limit:
+        detail = axes[0][1]
+        _frontier_axes(detail, records, curve, sft, 8)
+        shown = [r["metrics"] for r in records if {"kl_to_ref", "gold_reward"} <= set(r["metrics"])
+                 and r["metrics"]["kl_to_ref"]["iqm"] <= limit]
+        ys = [m["gold_reward"]["iqm_ci"][k] for m in shown for k in (0, 1)] + ([sft] if sft is not None else [])
+        if curve:
+            ys += [y for x, y in zip(*curve, strict=True) if x <= limit]
+        pad = 0.05 * (max(ys) - min(ys) or 1.0)
+        detail.set_xlim(-0.03 * limit, limit)
+        detail.set_ylim(min(ys) - pad, max(ys) + pad)
+        detail.set_xlabel(xlabel)
+        detail.set_ylabel(ylabel)
+        detail.set_title(f"detail: KL <= {limit:.2f}")
+    _finish(plt, fig, ax, path, xlabel, ylabel,
+            f"{task}: gold reward vs KL to the reference (squares: default variants)")
 
 
 def overoptimisation(task: str, records: list[dict[str, Any]], path: Path) -> None:

@@ -42,10 +42,24 @@ def header(results: dict[str, Any]) -> list[str]:
               f"resamples (seeds resampled within the task; bootstrap seed {proto['bootstrap_seed']}); "
               f"IQM: {proto['iqm']}. With few seeds the intervals are wide, and with one seed they collapse to "
               "the point.", "",
-              f"Budget: each algorithm's `{suite['preset']}` preset, not equalised across algorithms; the tables "
+              f"Budget: each algorithm's `{suite['preset']}` preset"
+              + (" with the suite's options (" + "; ".join(f"{a}: " + ", ".join(f"{k} = {v}" for k, v in o.items())
+                                                      for a, o in suite["options"].items() if o) + ")"
+                 if any(suite.get("options", {}).values()) else "")
+              + ", not equalised across algorithms; the tables "
               "report per run (mean over seeds) the tokens sampled during training (`gen.`, evaluation "
               "excluded) and the tokens in gradient steps (`trained`). best-of-N trains nothing and spends its "
               "budget at inference (N samples per answer; on `exact` its distribution is computed exactly).", ""]
+    t = results.get("timing")
+    if t:
+        ex = results.get("execution", {})
+        untimed = f"; {t['runs_without_process_time']} run(s) without a recorded process time" \
+            if t["runs_without_process_time"] else ""
+        cpu = f" ({t['run_cpu_seconds'] / 60:.1f} min of CPU time)" if "run_cpu_seconds" in t else ""
+        lines += [f"Cost: {ex.get('runs', '?')} runs ({ex.get('executed', '?')} run by the last invocation, "
+                  f"{ex.get('skipped', '?')} reused); their processes took {t['run_process_seconds'] / 60:.1f} min "
+                  f"in all{cpu} (start-up, task loading and evaluation included{untimed}), of which "
+                  f"{t['run_wall_seconds'] / 60:.1f} min inside the runs (summary.json's `wall s`).", ""]
     for w in results.get("warnings", []):
         lines.append(f"> warning: {w}")
     return lines
@@ -70,6 +84,30 @@ def task_table(task: str, records: list[dict[str, Any]]) -> list[str]:
     if baseline:
         lines += ["", f"SFT policy (reference), gold reward on the same evaluation: {_f(sum(baseline) / len(baseline))} "
                       "(mean over runs; its KL to the reference is 0)."]
+    return lines
+
+
+def frontier_efficiency(task: str, records: list[dict[str, Any]]) -> list[str]:
+    """Each algorithm's frontier efficiency on an enumerable task, one row per algorithm: its best variant
+    (highest IQM) with that variant's KL, then every variant by increasing KL. Empty where no record has it."""
+    by_algo: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if {"frontier_efficiency", "kl_to_ref"} <= set(r["metrics"]):
+            by_algo.setdefault(r["algorithm"], []).append(r)
+    if not by_algo:
+        return []
+    lines = [f"Frontier efficiency on `{task}`: (R - R_SFT) / (R*(KL) - R_SFT), the share of the reward gain "
+             "that the optimal policy pi*_beta reaches at the run's own KL which the run reached (1: on the exact "
+             "frontier; R is what the environment pays). IQM over seeds [95% CI]; the best variant is the one "
+             "of highest IQM.", "",
+             "| algorithm | best frontier eff. IQM [95% CI] | best variant | its KL | every variant by increasing KL |",
+             "|---|---|---|---|---|"]
+    for algo, rs in by_algo.items():
+        best = max(rs, key=lambda r: r["metrics"]["frontier_efficiency"]["iqm"])  # the first of equals
+        sweep = "; ".join(f"{r['variant']}: {_cell(r['metrics']['frontier_efficiency'], 2)}"
+                          for r in sorted(rs, key=lambda r: r["metrics"]["kl_to_ref"]["iqm"]))
+        lines.append(f"| {algo} | {_cell(best['metrics']['frontier_efficiency'])} | {best['variant']} | "
+                     f"{_f(best['metrics']['kl_to_ref']['iqm'])} | {sweep} |")
     return lines
 
 
@@ -110,6 +148,8 @@ def render(results: dict[str, Any]) -> str:
     for task in tasks:
         records = [r for r in results["records"] if r["task"] == task]
         lines += ["", f"## Task `{task}`", "", *task_table(task, records)]
+        efficiency = frontier_efficiency(task, records)
+        lines += ["", *efficiency] if efficiency else []
         matrix = improvement_matrix(task, results["probability_of_improvement"])
         lines += ["", *matrix] if matrix else []
         known = known_results(task, results.get("exact_checks", {}).get(task, {}))
