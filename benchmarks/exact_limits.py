@@ -139,8 +139,14 @@ def main() -> None:
     ap.add_argument("--table-steps", type=int, default=3000)
     ap.add_argument("--table-lr", type=float, default=0.05)
     ap.add_argument("--runs", type=Path, nargs="*", default=[], help="run directories of zoo runs on exact to list beside")
+    ap.add_argument("--only-runs", action="store_true", help="keep the experiments of --out's exact_limits.json and "
+                    "list --runs again (runs finished after the experiments)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only_runs:
+        result = json.loads((args.out / "exact_limits.json").read_text())
+        finish(result, args)
+        return
     torch.manual_seed(0)
     start = time.perf_counter()
     task = get_registry().task("exact").load(seed=args.task_seed, progress=True)
@@ -169,13 +175,19 @@ def main() -> None:
     tables["population (infinite data)"] = {"pairs": None, **table_dpo(ref_lp, None, population(ref_lp, gold), opt_lp,
                                                                        beta, args.table_steps, args.table_lr)}
     result["table_dpo"] = tables
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    finish(result, args)
+
+
+def finish(result: dict, args: argparse.Namespace) -> None:
+    """List the zoo runs beside the experiments; write the JSON and the report."""
     result["runs"] = []
     for d in args.runs:
         s = json.loads((d / "summary.json").read_text())
         cfg = json.loads((d / "config.json").read_text())
         result["runs"].append({"run": d.name, "algorithm": s["algorithm"], "seed": s["seed"], "argv": " ".join(cfg["argv"][1:]),
-                               **{k: s[k] for k in ("kl_to_optimum", "frontier_efficiency", "gold_reward", "kl_to_ref")}})
-    result["seconds"] = round(time.perf_counter() - start, 1)
+                               **{k: s[k] for k in ("kl_to_optimum", "frontier_efficiency", "gold_reward", "kl_to_ref",
+                                                    "wall_seconds")}})
     (args.out / "exact_limits.json").write_text(json.dumps(result, indent=2))
     (args.out / "exact_limits.md").write_text(report(result))
     print(report(result))
