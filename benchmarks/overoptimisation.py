@@ -95,6 +95,21 @@ def fit(d: np.ndarray, gain: np.ndarray, form: str) -> dict[str, float]:
     return out
 
 
+def largest_fall(kl: list[float], gold: list[float], proxy: list[float]) -> dict | None:
+    """The largest fall of the gold between two evaluations i < j of a run while the proxy rose (Gao et al.'s
+    over-optimisation, located in a curve that need not be single-peaked), or None when the gold never fell
+    while the proxy rose."""
+    best = None
+    for i in range(len(gold)):
+        for j in range(i + 1, len(gold)):
+            if proxy[j] > proxy[i] and gold[j] < gold[i] and (best is None or gold[i] - gold[j] > best["fall"]):
+                best = {"fall": gold[i] - gold[j], "from": i, "to": j}
+    if best is None:
+        return None
+    i, j = best["from"], best["to"]
+    return {**best, "kl": [kl[i], kl[j]], "gold": [gold[i], gold[j]], "proxy": [proxy[i], proxy[j]]}
+
+
 # --- the measurements -------------------------------------------------------------------------------
 def train_proxies(task, sizes: list[int], args, device) -> dict[str, dict]:
     """Reward models trained on the first n of one set of rankings for each n in ``sizes``, each from the
@@ -181,9 +196,16 @@ def bon_curves(pool: dict, n_max: int) -> dict[str, dict]:
     return out
 
 
-def ppo_curve(task_name: str, beta: float, args, out_dir: Path, reward: str | None = None) -> dict:
-    """A long PPO run with KL coefficient ``beta`` evaluated every ``args.ppo_eval_every`` iterations."""
-    run_dir = out_dir / "runs" / f"ppo-{task_name}-beta{beta:g}"
+def ppo_curve(task_name: str, beta: float, args, out_dir: Path, proxy: str = "task", proxies: dict | None = None) -> dict:
+    """A long PPO run with KL coefficient ``beta`` evaluated every ``args.ppo_eval_every`` iterations, against
+    the task's reward model (``proxy`` "task") or one of ``proxies`` (the RM the environment pays and the
+    evaluation's proxy_reward, swapped in for this process's runs)."""
+    from rlhf_zoo_envs.tasks.base import Task  # noqa: PLC0415
+
+    run_dir = out_dir / "runs" / (f"ppo-{task_name}-beta{beta:g}" + ("" if proxy == "task" else f"-{proxy}"))
+    if proxy != "task":
+        model = proxies[proxy]["model"]
+        Task.proxy_reward = lambda self, device="cpu": ModelReward(model.to(device))
     options = {"beta": beta, "iterations": args.ppo_iterations, "eval_every": args.ppo_eval_every,
                "eval_prompts": args.prompts, "eval_samples": 4, "lr_schedule": "constant",  # (keeps moving)
                "learning_rate": args.ppo_lr}
@@ -204,7 +226,7 @@ def ppo_curve(task_name: str, beta: float, args, out_dir: Path, reward: str | No
     print(f"ppo beta {beta}: {time.perf_counter() - t0:.0f}s, peak gold {gold[peak]:.3f} at KL {kl[peak]:.2f}", flush=True)
     return {"beta": beta, "iterations": it, "kl": kl, "d": d.tolist(), "gold": gold, "proxy": prox,
             "response_length": [r.get("eval/response_length") for r in curve],
-            "fit": fit(d, np.array(gold) - gold[0], "rl"),
+            "fit": fit(d, np.array(gold) - gold[0], "rl"), "largest_fall": largest_fall(kl, gold, prox),
             "observed_peak": {"iteration": it[peak], "kl": kl[peak], "gold": gold[peak],
                               "gold_falls_after_peak": bool(gold[-1] < gold[peak] - 1e-9),
                               "proxy_rises_after_peak": bool(max(prox[peak + 1:], default=prox[peak]) > prox[peak])},
@@ -259,9 +281,9 @@ def plot(result: dict, out_dir: Path) -> list[str]:
         axes[1].plot(c["d"], np.array(c["gold"]) - c["gold"][0], "o")
         axes[1].plot(dd, dd * (f["alpha"] - f["beta"] * np.log(dd)), "-",
                      label=f"a={f['alpha']:.2f} b={f['beta']:.2f} R2={f['r2']:.2f}")
-        axes[0].set(xlabel="d = sqrt(KL)", ylabel="reward", title=f"PPO beta={c['beta']:g} on {result['task']}")
+        axes[0].set(xlabel="d = sqrt(KL)", ylabel="reward", title=f"PPO beta={c['beta']:g} against {c['proxy_rm']} on {result['task']}")
         axes[1].set(xlabel="d = sqrt(KL)", ylabel="gold - gold(0)", title="fit gold = d (alpha - beta log d)")
-        save(fig, axes, f"ppo_{result['task']}_beta{c['beta']:g}.png", 8)
+        save(fig, axes, f"ppo_{result['task']}_beta{c['beta']:g}_{c['proxy_rm']}.png", 8)
     return files
 
 
@@ -282,12 +304,19 @@ def report(result: dict) -> str:
                      f"{p['n']}, {p['kl']:.2f}, {p['gold']:.3f} | {c['gold'][-1]:.3f} | {c['proxy'][int(np.log2(p['n']))]:.3f} -> {c['proxy'][-1]:.3f} |")
     for c in result.get("ppo", []):
         f, p = c["fit"], c["observed_peak"]
-        lines += ["", f"## PPO, beta = {c['beta']:g}, {c['iterations'][-1]} iterations, learning rate "
+        lines += ["", f"## PPO against {c['proxy_rm']}, beta = {c['beta']:g}, {c['iterations'][-1]} iterations, learning rate "
                   f"{result['args']['ppo_lr']} ({c['seconds']:.0f} s)", "",
                   f"Fit: alpha {f['alpha']:.3f}, beta {f['beta']:.3f}, R^2 {f['r2']:.3f}, fitted peak at KL "
                   f"{f.get('peak_kl', float('nan')):.2f}. Observed peak: gold {p['gold']:.3f} at iteration {p['iteration']}, "
                   f"KL {p['kl']:.2f}; gold falls after it: {p['gold_falls_after_peak']}; proxy rises after it: "
-                  f"{p['proxy_rises_after_peak']}.", "", "| iteration | KL | gold | proxy | length |", "|---|---|---|---|---|"]
+                  f"{p['proxy_rises_after_peak']}.", ""]
+        fall = c.get("largest_fall")
+        if fall:
+            it = c["iterations"]
+            lines += [f"Largest fall of the gold while the proxy rose: iteration {it[fall['from']]} -> {it[fall['to']]}, "
+                      f"KL {fall['kl'][0]:.2f} -> {fall['kl'][1]:.2f}, gold {fall['gold'][0]:.3f} -> {fall['gold'][1]:.3f}, "
+                      f"proxy {fall['proxy'][0]:.3f} -> {fall['proxy'][1]:.3f}.", ""]
+        lines += ["| iteration | KL | gold | proxy | length |", "|---|---|---|---|---|"]
         lines += [f"| {i} | {k:.3f} | {g:.3f} | {q:.3f} | {ln:.1f} |" for i, k, g, q, ln in
                   zip(c["iterations"], c["kl"], c["gold"], c["proxy"], c["response_length"], strict=True)]
     lines += ["", "## Best-of-N curves", ""]
@@ -308,13 +337,22 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="samples per sampling batch")
     ap.add_argument("--ppo-betas", default="0.01", help="PPO KL coefficients, comma-separated (empty: no PPO)")
     ap.add_argument("--ppo-iterations", type=int, default=300)
+    ap.add_argument("--ppo-proxies", default="task,rm-500", help="the RMs PPO optimises: task (the task's own) and "
+                    "names of the --rm-sizes RMs (rm-N), comma-separated")
     ap.add_argument("--ppo-eval-every", type=int, default=10)
     ap.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO policy learning rate (constant: small, so KL "
                     "grows slowly enough to trace the gold curve)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--report-only", action="store_true", help="redraw the report and plots from --out's JSON")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        result = json.loads((args.out / f"overoptimisation_{args.task}.json").read_text())
+        for c in result.get("ppo", []):
+            c["largest_fall"] = largest_fall(c["kl"], c["gold"], c["proxy"])
+        write(result, args.out)
+        return
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
 
     hf_logging.disable_progress_bar()
@@ -335,11 +373,16 @@ def main() -> None:
               "versions": versions(), "git_commit": _git_commit(), "args": {k: str(v) for k, v in vars(args).items()},
               "proxies": {k: {kk: vv for kk, vv in v.items() if kk not in ("model", "fn")} for k, v in proxies.items()},
               "best_of_n": bon_curves(pool, args.pool // 2)}
-    result["ppo"] = [ppo_curve(args.task, float(b), args, args.out) for b in args.ppo_betas.split(",") if b]
+    result["ppo"] = [{**ppo_curve(args.task, float(b), args, args.out, proxy, proxies), "proxy_rm": proxy}
+                     for proxy in args.ppo_proxies.split(",") for b in args.ppo_betas.split(",") if b]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result["plots"] = plot(result, args.out)
-    (args.out / f"overoptimisation_{args.task}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"overoptimisation_{args.task}.md").write_text(report(result))
+    write(result, args.out)
+
+
+def write(result: dict, out: Path) -> None:
+    result["plots"] = plot(result, out)
+    (out / f"overoptimisation_{result['task']}.json").write_text(json.dumps(result, indent=2))
+    (out / f"overoptimisation_{result['task']}.md").write_text(report(result))
     print(report(result))
 
 

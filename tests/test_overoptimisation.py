@@ -54,3 +54,12 @@ def test_fit_recovers_the_coefficients_and_the_peak_of_a_synthetic_curve(oo, for
     peak_d = alpha / (2 * beta) if form == "bon" else math.exp(alpha / beta - 1)
     assert fitted["peak_d"] == pytest.approx(peak_d, rel=0.02)
     assert fitted["peak_kl"] == pytest.approx(peak_d**2, rel=0.04)
+
+
+def test_largest_fall_is_the_biggest_gold_drop_while_the_proxy_rose(oo):
+    kl, gold, proxy = [0, 1, 2, 3, 4], [0.0, 1.0, 0.2, 0.9, 0.1], [0.0, 1.0, 2.0, 0.5, 3.0]
+    fall = oo.largest_fall(kl, gold, proxy)
+    assert (fall["from"], fall["to"]) == (1, 4) and fall["fall"] == pytest.approx(0.9)  # not 3 -> 4: proxy fell at 3
+    assert fall["kl"] == [1, 4] and fall["proxy"] == [1.0, 3.0]
+    assert oo.largest_fall([0, 1, 2], [0.0, 0.5, 1.0], [0.0, 1.0, 2.0]) is None  # gold never fell
+    assert oo.largest_fall([0, 1], [1.0, 0.0], [1.0, 0.5]) is None  # it fell, but the proxy fell too
