@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +150,8 @@ def _check_type(cls: type, name: str, value: Any) -> None:
     expected = field_type(cls, name)
     if not _matches(expected, value):
         raise ConfigError(f"{name} must be of type {_type_name(expected)}, got {value!r}")
+    if isinstance(value, float) and math.isnan(value):  # (nan passes every `x < 0` range check unnoticed)
+        raise ConfigError(f"{name} must be a number, got nan")
 
 
 def _matches(tp: Any, value: Any) -> bool:

@@ -480,3 +480,30 @@ def test_a_damaged_task_cache_names_the_file_and_the_rebuild(capsys, own_cache, 
 def test_prepare_has_rebuild(capsys):
     main(["prepare", "--help"])
     assert "--rebuild" in capsys.readouterr().out
+
+
+def test_a_nan_option_is_refused_naming_it():
+    from rlhf_zoo_plugins.ppo import PPOPtxConfig
+
+    for key in ("ptx_coef", "beta", "learning_rate"):
+        with pytest.raises(ConfigError, match=f"^{key} must be a number, got nan$"):
+            PPOPtxConfig.from_dict({key: float("nan")})
+
+
+def test_a_damaged_arrow_file_in_the_task_cache_is_one_line_naming_it(tmp_path):
+    import shutil
+
+    from rlhf_zoo.errors import ZooError
+    from rlhf_zoo_envs.tasks.base import Task
+
+    exact = get_registry().task("exact").load(seed=0, progress=False)
+    copy = tmp_path / "exact"
+    shutil.copytree(exact.path, copy)
+    arrow = next((copy / "data" / "pairs").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:1000])  # truncated
+    task = Task.from_dir(copy, exact.language, name="exact", seed=0, max_new_tokens=exact.max_new_tokens,
+                         beta=exact.beta, missing_eos_penalty=exact.missing_eos_penalty)
+    with pytest.raises(ZooError, match=r"^task 'exact': cached dataset .*pairs cannot be read \(.*\); rebuild "
+                                       r"the task with: zoo prepare exact --rebuild$"):
+        task.dataset("pairs")
+    assert len(task.dataset("sft")) > 0  # the undamaged ones still load

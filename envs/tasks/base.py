@@ -208,7 +208,16 @@ class Task(World):
         ``rankings_safety``, ...)."""
         import datasets
 
-        return datasets.load_from_disk(str(self.path / "data" / name))
+        from rlhf_zoo.errors import ZooError
+
+        folder = self.path / "data" / name
+        try:
+            return datasets.load_from_disk(str(folder))
+        except Exception as e:  # noqa: BLE001 - pyarrow/datasets raise many types for a damaged Arrow file
+            rebuild = f"zoo prepare {self.name} --rebuild" + (f" --seed {self.seed}" if self.seed else "")
+            why = " ".join(str(e).split())[:160]
+            raise ZooError(f"task {self.name!r}: cached dataset {folder} cannot be read ({type(e).__name__}: "
+                           f"{why}); rebuild the task with: {rebuild}") from None
 
     # --- models and rewards -------------------------------------------------------------------------
     def load_policy(self, device: str | torch.device = "cpu") -> PreTrainedModel:
