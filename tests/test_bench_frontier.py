@@ -144,7 +144,7 @@ def test_report_renders_the_frontier_table_on_exact_only_and_states_the_cost_and
     summary_header = "| algorithm | best frontier eff. IQM [95% CI] | best variant |"
     assert text.count(summary_header) == 1 and text.index(summary_header) < text.index("## Task `sentiment`")
     assert "`quick` preset with the suite's options (ppo-ptx: ptx_batch_size = 16), not equalised" in text
-    assert "6 runs (4 run by the last invocation, 2 reused); their processes took 10.0 min in all (7.5 min of CPU" in text
+    assert "6 runs (4 run by the last invocation, 2 reused); their processes took 10.0 min in all (7.5 min of CPU time; start-up" in text
     assert "1 run(s) without a recorded process time" in text and "2.0 min inside the runs" in text
 
 

@@ -55,10 +55,10 @@ def header(results: dict[str, Any]) -> list[str]:
         ex = results.get("execution", {})
         untimed = f"; {t['runs_without_process_time']} run(s) without a recorded process time" \
             if t["runs_without_process_time"] else ""
-        cpu = f" ({t['run_cpu_seconds'] / 60:.1f} min of CPU time)" if "run_cpu_seconds" in t else ""
+        cpu = f"{t['run_cpu_seconds'] / 60:.1f} min of CPU time; " if "run_cpu_seconds" in t else ""
         lines += [f"Cost: {ex.get('runs', '?')} runs ({ex.get('executed', '?')} run by the last invocation, "
                   f"{ex.get('skipped', '?')} reused); their processes took {t['run_process_seconds'] / 60:.1f} min "
-                  f"in all{cpu} (start-up, task loading and evaluation included{untimed}), of which "
+                  f"in all ({cpu}start-up, task loading and evaluation included{untimed}), of which "
                   f"{t['run_wall_seconds'] / 60:.1f} min inside the runs (summary.json's `wall s`).", ""]
     for w in results.get("warnings", []):
         lines.append(f"> warning: {w}")
