@@ -364,6 +364,7 @@ def test_ctrl_c_before_any_checkpoint_names_the_default_out(capsys, monkeypatch)
 def test_sigint_of_a_zoo_run_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_zoo", "run", "ppo", "--task", "exact", "--preset", "quick",
+                             "--iterations", "1000", "--checkpoint-every", "2",  # (long enough to interrupt)
                              "--device", "cpu", "--quiet", "--out", "R"], cwd=tmp_path, env=env,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -375,7 +376,8 @@ def test_sigint_of_a_zoo_run_process(tmp_path):
     last = latest_checkpoint(tmp_path / "R" / "checkpoints")
     assert err.strip().splitlines()[-1] == (
         f"zoo: interrupted: the run in R stopped; the last checkpoint is R/checkpoints/{last.name}; resume with: "
-        "zoo run ppo --task exact --preset quick --device cpu --quiet --out R --resume")
+        "zoo run ppo --task exact --preset quick --iterations 1000 --checkpoint-every 2 --device cpu --quiet --out R "
+        "--resume")
 
 
 # --- damaged checkpoints: fall back to the one before --------------------------------------------------
