@@ -263,9 +263,9 @@ def _algorithm_command(name: str) -> click.Command:
                           checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
                           resume=common["resume"], progress=not common["quiet"], setup=setup,
                           overwrite=common["overwrite"])
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 of a data-parallel run
-                click.echo(_interrupted(out), err=True)
+                click.echo(_interrupted(out, getattr(e, "zoo_restored", False)), err=True)
             raise click.exceptions.Exit(INTERRUPTED) from None
         if "rank" not in summary:  # the other ranks of a data-parallel run print nothing
             _print_summary(summary, out)
@@ -348,9 +348,15 @@ def _launch(nproc: int) -> int:
         return INTERRUPTED
 
 
-def _interrupted(out: Path) -> str:
-    """The one line Ctrl-C prints: the run stopped, its last checkpoint, the command that resumes it."""
+def _interrupted(out: Path, restored: bool | None = None) -> str:
+    """The one line Ctrl-C prints: the run stopped, its last checkpoint, the command that resumes it.
+    ``restored``: True when the run stopped before its first iteration and ``out`` holds what it held
+    before (`rlhf_zoo.rundir.set_aside`)."""
     from rlhf_zoo.checkpoint import latest_checkpoint
+
+    if restored:
+        return (f"zoo: interrupted: the run in {out} stopped before its first iteration and wrote nothing ({out} "
+                f"holds what it held before); start it again with: zoo {shlex.join(_ARGV)}")
 
     last = latest_checkpoint(out / "checkpoints")
     args = [a for a in _ARGV if a != "--overwrite"]

@@ -655,10 +655,12 @@ def _ranking_format(rows: Sequence[tuple[int, Any]], source: str) -> tuple[Any, 
 
 
 def _first_keys(rows: Sequence[tuple[int, Any]]) -> str:
+    """What the first row holds, for a "no row has the keys" error: its keys, or why it is no object."""
     for n, r in rows:
         if isinstance(r, dict):
             return f" (row {n} has keys {', '.join(repr(str(k)) for k in list(r)[:8]) or 'none'})"
-    return ""
+    n, r = rows[0]
+    return f" (row {n}: {r.message})" if isinstance(r, _Unreadable) else f" (row {n} is a {type(r).__name__}, not an object)"
 
 
 def validate_rankings(

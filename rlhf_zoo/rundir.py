@@ -8,6 +8,11 @@ Nothing in a run directory is deleted or written before these checks pass (`rlhf
   host, locked with ``fcntl.flock``: the kernel drops the lock when the process dies (even by SIGKILL), so
   a crashed run never leaves it stuck, and a second ``zoo run`` on a directory a live run holds is refused
   with one line naming that process. Stdlib only, so a test can hold the lock from a bare subprocess.
+- `set_aside` / `restore_set_aside` / `drop_set_aside`: a fresh run in a directory that holds an earlier
+  run moves the earlier run's files into ``.replaced/`` and deletes them only once the new run has logged
+  its first iteration (or finished); a run that fails or is stopped before that (a bad ``--dataset`` is
+  read only when training starts) puts the earlier run back as it was, so ``--overwrite`` loses nothing to
+  a mistake.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import IO
@@ -24,6 +30,7 @@ from rlhf_zoo.errors import ConfigError
 LOCK_FILE = "run.lock"
 #: what a run writes in its directory (a fresh run in the directory replaces these; nothing else is touched)
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "policy", "model", "adapter", "rounds")
+ASIDE = ".replaced"  # an earlier run's files while a fresh run in its directory has not logged anything yet
 TOLERATED = ("stderr.log",)  # a failed benchmark run's log (`rlhf_zoo.bench.execute`): kept, never refused
 _HELD: dict[str, IO[str]] = {}  # run directories this process holds: resolved path -> open lock file
 
@@ -50,7 +57,7 @@ def check_out(out: Path, *, resume: bool, overwrite: bool | None) -> None:
     if overwrite is None:
         return
     entries = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, *TOLERATED))
-    foreign = [n for n in entries if n not in RUN_ENTRIES]
+    foreign = [n for n in entries if n not in (*RUN_ENTRIES, ASIDE)]
     if foreign:
         shown = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
         raise ConfigError(f"--out {out} is not a run directory (it holds {shown}); give a new or empty directory")
@@ -136,3 +143,47 @@ def unlock_run_dir(out: Path) -> None:
     f = _HELD.pop(str(out.resolve()), None)
     if f is not None:
         f.close()
+
+
+def set_aside(out: Path) -> None:
+    """A fresh run starts in ``out``: move what an earlier run wrote there (`RUN_ENTRIES`) into ``.replaced/``
+    and start an empty metrics.jsonl. A ``.replaced/`` left by a run that was killed before its first
+    iteration holds the run before that one, which that run's start had replaced: it is dropped."""
+    aside = out / ASIDE
+    if aside.exists():
+        shutil.rmtree(aside)
+    aside.mkdir()
+    for name in RUN_ENTRIES:
+        if (out / name).exists() or (out / name).is_symlink():
+            os.replace(out / name, aside / name)
+    (out / "metrics.jsonl").write_text("")
+
+
+def restore_set_aside(out: Path) -> bool:
+    """The fresh run failed or was stopped before its first iteration: delete what it wrote and put the
+    earlier run's files back. Returns whether an earlier run was restored."""
+    aside = out / ASIDE
+    if not aside.is_dir():
+        return False
+    _remove_entries(out)
+    kept = sorted(p.name for p in aside.iterdir())
+    for name in kept:
+        os.replace(aside / name, out / name)
+    aside.rmdir()
+    return bool(kept)
+
+
+def drop_set_aside(out: Path) -> None:
+    """The fresh run has started for good (its first metrics row, or its end): delete the earlier run."""
+    aside = out / ASIDE
+    if aside.is_dir():
+        shutil.rmtree(aside)
+
+
+def _remove_entries(out: Path) -> None:
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()

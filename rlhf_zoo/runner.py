@@ -27,7 +27,6 @@ import math
 import platform
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -63,7 +62,8 @@ from rlhf_zoo.generation import generation_config
 from rlhf_zoo.policy import ModelPolicy, RewardModelResult
 from rlhf_zoo.registry import Algorithm, Registry, get_registry
 from rlhf_zoo.rewards import MissingReward
-from rlhf_zoo.rundir import RUN_ENTRIES, check_out, lock_run_dir, unlock_run_dir
+from rlhf_zoo.rundir import (check_out, drop_set_aside, lock_run_dir, restore_set_aside, set_aside,
+                            unlock_run_dir)
 
 DEFAULT_TASK = "sentiment"
 KEEP_CHECKPOINTS = 2
@@ -142,6 +142,7 @@ class RunContext:
     _every: int = 0
     _bar: Any = None
     _sample_generator: torch.Generator | None = None
+    _replacing: bool = False  # a fresh run whose directory still keeps an earlier run in `rundir.ASIDE`
     setup: dict[str, Any] = field(default_factory=dict)  # a run on the user's own model: its options
 
     @property
@@ -253,12 +254,20 @@ class RunContext:
                 raise NonFiniteError(f"metric {k!r} is {v}")
         if not self.dist.is_main:
             return
+        self.started()
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._bar is not None:
             shown = {k: f"{v:.3g}" for k, v in list(row.items())[1:5] if isinstance(v, float)}
             self._bar.set_postfix(shown, refresh=False)
         self.registry.manager.hook.on_iteration_end(run=self, iteration=iteration, metrics=row)
+
+    def started(self) -> None:
+        """The run has started for good (its first metrics row, or the end of training): an earlier run
+        that this fresh run replaces is deleted now, not before (`rlhf_zoo.rundir.set_aside`)."""
+        if self._replacing:
+            self._replacing = False
+            drop_set_aside(self.out)
 
     def step_logger(self, every: int = 10) -> StepLogger:
         """An ``on_step(step, loss, tokens)`` callback for the supervised loops of `rlhf_zoo.training`:
@@ -446,8 +455,8 @@ def make_context(
             resume = resume and _check_resumable(out, identity)
             if not setup:  # builds the task if it is not cached; damaged cached files stop the run here
                 the_task = task_spec.load(seed=task_seed, progress=progress)
-            if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it
-                _clear_run_dir(out)
+            if not resume:  # a fresh run: nothing of an earlier run in this directory may be resumed into it;
+                set_aside(out)  # it is set aside, and deleted once this run has started for good
         dist.barrier()
         if not dist.is_main:
             resume = resume and latest_checkpoint(out / "checkpoints") is not None
@@ -469,13 +478,23 @@ def make_context(
                          checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, resume=resume,
                          show_progress=progress and dist.is_main, dist=dist, task_name=task, task_seed=task_seed,
                          preset=preset, setup=setup)
-    except BaseException:  # (the lock goes with a failed start; `zoo run` then exits anyway)
+    except BaseException as e:  # (the lock goes with a failed start; `zoo run` then exits anyway)
         if took_lock:
+            if not resume:
+                restore_set_aside(out)
+                e.zoo_restored = True  # --out holds what it held before (`zoo run`'s Ctrl-C line)
             unlock_run_dir(out)
         raise
+    ctx._replacing = dist.is_main and not resume
     if took_lock:  # a context dropped without `run` (tests, tools) lets go of its directory with it
-        weakref.finalize(ctx, unlock_run_dir, out)
+        weakref.finalize(ctx, _release, out)
     return ctx
+
+
+def _release(out: Path) -> None:
+    """A context made without `run` is dropped: what it replaced goes, and so does its lock."""
+    drop_set_aside(out)
+    unlock_run_dir(out)
 
 
 def _user_world(setup: dict[str, Any], config: AlgoConfig, registry: Registry, device: torch.device,
@@ -554,18 +573,6 @@ def _check_resumable(out: Path, identity: dict[str, Any]) -> bool:
     return True
 
 
-def _clear_run_dir(out: Path) -> None:
-    """A fresh run: remove what an earlier run wrote in ``out`` (`rlhf_zoo.rundir.RUN_ENTRIES`), so nothing
-    of it can be resumed into this run or mistaken for its results; start an empty metrics.jsonl."""
-    for name in RUN_ENTRIES:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-    (out / "metrics.jsonl").write_text("")
-
-
 def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     """Run ``algorithm`` and write the run directory. Returns summary.json's content.
 
@@ -599,19 +606,26 @@ def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
                 "versions": versions(), "git_commit": _git_commit(), "world_size": ctx.dist.world_size, "argv": sys.argv,
                 "checkpoint_every": ctx.checkpoint_every, "keep_checkpoints": ctx.keep_checkpoints,
                 "resumed_from": latest_checkpoint(out / "checkpoints").name if ctx.resume else None}
-    if ctx.dist.is_main:  # rank 0 writes the run directory and calls the plugins' hooks
-        (out / "config.json").write_text(json.dumps(resolved, indent=2))
-        registry.manager.hook.on_run_start(run=ctx)
-
-    # 2) the algorithm
     train_start = time.perf_counter()
     try:
+        if ctx.dist.is_main:  # rank 0 writes the run directory and calls the plugins' hooks
+            (out / "config.json").write_text(json.dumps(resolved, indent=2))
+            registry.manager.hook.on_run_start(run=ctx)
+        # 2) the algorithm
+        train_start = time.perf_counter()
         with autocast(ctx.device):  # bf16 forwards on CUDA (fp32 weights, log-probs and losses); CPU: fp32
             result = algo.train(ctx, config)
-    except NonFiniteError as e:
+    except BaseException as e:
+        if ctx._replacing:  # stopped before its first iteration (a bad --dataset, Ctrl-C): nothing is lost
+            ctx._replacing = False
+            restore_set_aside(out)
+            e.zoo_restored = True  # --out holds what it held before (`zoo run`'s Ctrl-C line)
+        if not isinstance(e, NonFiniteError):
+            raise
         last = latest_checkpoint(out / "checkpoints")
         kept = f"the last good checkpoint is {last} (continue with --resume)" if last else "no checkpoint was written"
         raise NonFiniteError(f"{algo.name} iteration {ctx.iteration}: {e}; run stopped, {kept}") from None
+    ctx.started()
     train_seconds = time.perf_counter() - train_start
     if config.eval_every and not ctx._total and ctx.dist.is_main:
         print(f"zoo: --eval-every {config.eval_every}: {algo.name} has no training iterations; only the final "

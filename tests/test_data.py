@@ -177,6 +177,19 @@ def test_unknown_format_names_the_accepted_ones(validate, rows, message):
     assert error(rows, DROP, validate=validate).startswith(message)
 
 
+@pytest.mark.parametrize(("content", "first"), [
+    ('{"prompt": "a b", "chosen": "c"\n', "row 1: invalid JSON (Expecting ',' delimiter at column 32)"),
+    ("[1, 2]\n3\n", "row 1 is a list, not an object"),
+])
+def test_a_file_of_no_objects_names_its_first_row(tmp_path, content, first):
+    """Every line broken (or none an object): the error says what row 1 is, not only that keys are missing."""
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        validate_rankings(read_rows(path), DROP, source="data.jsonl")
+    assert str(e.value).startswith(f"data.jsonl: no row has the keys of a ranking format ({first}); accepted: ")
+
+
 # --- Anthropic HH text ----------------------------------------------------------------------------------
 def test_hh_text_prompt_is_the_shared_dialogue_up_to_the_last_assistant_turn():
     kept, report = validate_rankings(read_rows(FIXTURES / "hh.jsonl"))

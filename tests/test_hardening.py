@@ -29,7 +29,7 @@ from rlhf_zoo.cli import main
 from rlhf_zoo.conformance import check_algorithm, invalid_value_problems
 from rlhf_zoo.errors import ConfigError
 from rlhf_zoo.registry import build_registry, get_registry
-from rlhf_zoo.rundir import LOCK_FILE, holds
+from rlhf_zoo.rundir import ASIDE, LOCK_FILE, holds
 from rlhf_zoo.runner import run
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -509,3 +509,64 @@ def test_a_damaged_arrow_file_in_the_task_cache_is_one_line_naming_it(tmp_path):
                                        r"the task with: zoo prepare exact --rebuild$"):
         task.dataset("pairs")
     assert len(task.dataset("sft")) > 0  # the undamaged ones still load
+
+
+# --- --overwrite loses nothing to a run that fails or stops before its first iteration ---------------------
+DPO_SMOKE = ["run", "dpo", "--task", "exact", "--preset", "smoke", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "does not exist"),
+    ('{"prompt": "a b", "chosen": "c d", "rejected": "b a"}\n[not json\n', "row 2: invalid JSON"),
+    ('{"prompt": "a b", "chosen": "c d"}\n', "rejected"),
+])
+def test_overwrite_with_a_bad_dataset_keeps_the_earlier_run(capsys, existing, tmp_path, content, expected):
+    """The --dataset file is read when training starts, after the run directory was prepared: the earlier
+    run is set aside then, and put back when the new run stops before its first iteration."""
+    data = tmp_path / "prefs.jsonl"
+    if content is not None:
+        data.write_text(content)
+    before = snapshot(existing)
+    assert main([*DPO_SMOKE, "--dataset", str(data), "--out", str(existing), "--overwrite"]) == 1
+    assert expected in one_line_error(capsys)
+    assert snapshot(existing) == before
+    assert not (existing / ASIDE).exists()
+
+
+def test_a_failed_start_in_a_new_directory_leaves_it_empty_for_the_retry(capsys, tmp_path):
+    assert main([*DPO_SMOKE, "--dataset", "missing.jsonl", "--out", "R"]) == 1
+    one_line_error(capsys)
+    assert sorted(p.name for p in (tmp_path / "R").iterdir()) == [LOCK_FILE]
+    assert main([*DPO_SMOKE, "--out", "R"]) == 0  # the same --out, without --overwrite
+
+
+class CtrlCAtStart:
+    @hookimpl
+    def on_run_start(self, run) -> None:
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_first_iteration_of_an_overwrite_keeps_the_earlier_run(capsys, monkeypatch, existing):
+    import rlhf_zoo.registry
+
+    monkeypatch.setattr(rlhf_zoo.registry, "_REGISTRY", build_registry({"ctrl-c": CtrlCAtStart()}))
+    before = snapshot(existing)
+    args = ["run", "ppo", *SMOKE, "--out", str(existing), "--overwrite", "--seed", "3"]
+    assert main(args) == 130
+    assert interrupted_line(capsys) == (f"zoo: interrupted: the run in {existing} stopped before its first iteration "
+                                      f"and wrote nothing ({existing} holds what it held before); start it again "
+                                      "with: zoo " + " ".join(args))
+    assert snapshot(existing) == before and not (existing / ASIDE).exists()
+
+
+def test_a_replacement_killed_before_its_first_iteration_leaves_a_directory_a_new_run_takes(capsys, existing):
+    """A run killed (SIGKILL) between setting the earlier run aside and its first iteration leaves
+    ``.replaced/``: the directory is still a run directory, refused without --overwrite, taken with it."""
+    (existing / ASIDE).mkdir()
+    for name in ("checkpoints", "summary.json", "policy"):
+        (existing / name).rename(existing / ASIDE / name)
+    assert zoo("--out", str(existing)) == 1
+    assert "is not empty: it holds a run of ppo on exact (seed 0)" in one_line_error(capsys)
+    assert zoo("--out", str(existing), "--overwrite", "--seed", "4") == 0
+    assert json.loads((existing / "summary.json").read_text())["seed"] == 4
+    assert not (existing / ASIDE).exists()
