@@ -179,6 +179,22 @@ def check_cmd(
         raise ZooError(f"conformance failed for {', '.join(failed)}")
 
 
+@app.command("plot")
+def plot_cmd(
+    runs: list[Path] = typer.Argument(..., help="Run directories (zoo run --out); several are overlaid."),
+    out: Path = typer.Option(None, help="Where the PNGs go [the run directory's plots/; with several runs, the "
+                                        "first one's]."),
+    smooth: float = typer.Option(0.6, help="EMA weight of the training curves, in [0, 1) (0: raw values only)."),
+) -> None:
+    """Learning curves of runs as PNGs: training metrics, and gold/proxy/KL where the run evaluated
+    (--eval-every). Needs matplotlib (pip install 'rlhf-zoo[bench]')."""
+    from rlhf_zoo.plot import plot_runs
+
+    drawn = plot_runs(runs, out or runs[0] / "plots", smooth=smooth)
+    for path in drawn["files"]:
+        typer.echo(f"wrote {path}")
+
+
 # --- zoo run ALGO: one click command per algorithm, built from its config dataclass -------------------
 class LiteralChoice(click.Choice):
     """A click Choice over a Literal's values that converts back to the value's own type."""
