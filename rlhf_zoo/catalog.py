@@ -41,7 +41,7 @@ from rlhf_zoo import registry
 from rlhf_zoo.registry import ENTRY_POINT_GROUP, ENV_BLOCK, ENV_DISABLE_AUTOLOAD, LoadError, PluginInfo, Registry
 
 ENV_INDEX = "RLHF_ZOO_PLUGIN_INDEX"
-INDEX_FORMAT = 1  # bump when the catalog's data changes shape
+INDEX_FORMAT = 2  # bump when the catalog's data changes shape
 SITE_DIR_NAMES = ("site-packages", "dist-packages")
 
 #: a config field's type as data: "int", "float", "str", "bool", or the list of a Literal's values
@@ -73,7 +73,7 @@ class AlgorithmSpec:
 
 @dataclass(frozen=True)
 class Entry:
-    """A task or a reward function: a name and one line."""
+    """A task, a reward function or a logger: a name and one line."""
 
     name: str
     description: str
@@ -89,6 +89,7 @@ class Catalog:
     provided_by: dict[tuple[str, str], PluginInfo]
     plugins: list[PluginInfo]
     load_errors: list[LoadError]
+    loggers: dict[str, Entry] = dataclasses.field(default_factory=dict)
 
     def algorithm(self, name: str) -> AlgorithmSpec:
         return registry.lookup(self.algorithms, name, "algorithm", self.load_errors)
@@ -99,12 +100,14 @@ class Catalog:
                    tasks={n: Entry(n, t.description) for n, t in reg.tasks.items()},
                    reward_functions={n: Entry(n, r.description) for n, r in reg.reward_functions.items()},
                    provided_by=dict(reg.provided_by), plugins=list(reg.plugins),
-                   load_errors=[dataclasses.replace(e, traceback="") for e in reg.load_errors])
+                   load_errors=[dataclasses.replace(e, traceback="") for e in reg.load_errors],
+                   loggers={n: Entry(n, lg.description) for n, lg in reg.loggers.items()})
 
     def to_json(self) -> dict[str, Any]:
         return {"algorithms": [dataclasses.asdict(a) for a in self.algorithms.values()],
                 "tasks": [dataclasses.asdict(t) for t in self.tasks.values()],
                 "reward_functions": [dataclasses.asdict(r) for r in self.reward_functions.values()],
+                "loggers": [dataclasses.asdict(lg) for lg in self.loggers.values()],
                 "provided_by": [[kind, name, dataclasses.asdict(p)] for (kind, name), p in self.provided_by.items()],
                 "plugins": [dataclasses.asdict(p) for p in self.plugins],
                 "load_errors": [dataclasses.asdict(e) for e in self.load_errors]}
@@ -120,7 +123,8 @@ class Catalog:
                    reward_functions={r["name"]: Entry(**r) for r in data["reward_functions"]},
                    provided_by={(k, n): PluginInfo(**p) for k, n, p in data["provided_by"]},
                    plugins=[PluginInfo(**p) for p in data["plugins"]],
-                   load_errors=[LoadError(**e) for e in data["load_errors"]])
+                   load_errors=[LoadError(**e) for e in data["load_errors"]],
+                   loggers={lg["name"]: Entry(**lg) for lg in data["loggers"]})
 
 
 def field_type(tp: Any) -> FieldType:

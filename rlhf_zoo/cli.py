@@ -25,7 +25,7 @@ app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offlin
                   rich_markup_mode=None)  # plain click help, as `zoo run ALGO --help`; rich costs 0.1-0.2 s at start-up
 
 RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
-               "resume", "overwrite", "nproc", "config", "quiet")
+               "resume", "overwrite", "nproc", "config", "quiet", "report_to")
 SEED_HELP = f"0 to {MAX_SEED} (2**32 - 1)"
 #: run options of a run on the user's own model (`rlhf_zoo.runner.SETUP_KEYS`)
 SETUP_OPTIONS = ("model", "tokenizer", "ref_model", "reward", "reward_weights", "gold", "prompts", "ptx_dataset",
@@ -61,7 +61,7 @@ def _catalog():
 
 @app.command("list")
 def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List algorithms, tasks and reward functions, with the plugin that provides each."""
+    """List algorithms, tasks, reward functions and loggers (--report-to), with the plugin that provides each."""
     reg = _catalog()
 
     def rows(kind: str, table: dict[str, Any]) -> list[dict[str, str]]:
@@ -75,14 +75,16 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
 
     data = {"algorithms": rows("algorithm", reg.algorithms), "tasks": rows("task", reg.tasks),
             "reward_functions": rows("reward function", reg.reward_functions),
+            "loggers": rows("logger", reg.loggers),
             "plugins": [dataclasses.asdict(p) for p in reg.plugins],
             "load_errors": [{"plugin": e.plugin, "distribution": e.distribution, "error": e.error}
                             for e in reg.load_errors]}
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    for title, key in (("Algorithms", "algorithms"), ("Tasks", "tasks"), ("Reward functions", "reward_functions")):
-        if data[key] or key != "reward_functions":
+    for title, key in (("Algorithms", "algorithms"), ("Tasks", "tasks"), ("Reward functions", "reward_functions"),
+                       ("Loggers (zoo run --report-to)", "loggers")):
+        if data[key] or key not in ("reward_functions", "loggers"):
             typer.echo(f"{title}:")
             for r in data[key]:
                 dp = "  (--nproc)" if r.get("data_parallel") else ""
@@ -239,6 +241,10 @@ def _algorithm_command(name: str) -> click.Command:
         click.Option(["--config"], type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                      help="JSON file of config values (options given here win)."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+        click.Option(["--report-to"], multiple=True, default=(), metavar="NAME[,NAME...]",
+                     help="Experiment trackers to report to, repeatable or comma-separated: "
+                          f"{', '.join(sorted(_catalog().loggers)) or 'none'} (zoo list) [default: none; "
+                          "metrics.jsonl is always written]."),
         click.Option(["--nproc"], type=click.IntRange(min=1), default=1, show_default=True,
                      help="Data-parallel processes on this machine, launched by torch.distributed.run "
                           "(gloo on CPU, NCCL on GPUs)."),
@@ -266,6 +272,9 @@ def _algorithm_command(name: str) -> click.Command:
             if not algo.data_parallel:
                 raise ConfigError(f"algorithm {name!r} does not shard its batches over processes; run it "
                                   "with one process (data-parallel algorithms: see `zoo list`)")
+            from rlhf_zoo.tracking import selected_loggers
+
+            selected_loggers(common["report_to"], _registry())  # a bad --report-to: one line, not one per rank
             raise typer.Exit(_launch(common["nproc"]))
         options = read_json_object(common["config"], "config file", "a JSON object of config values") if common["config"] else {}
         options.update({k: v for k, v in kwargs.items() if v is not None})
@@ -278,7 +287,7 @@ def _algorithm_command(name: str) -> click.Command:
                           preset=common["preset"], options=options, task_seed=common["task_seed"],
                           checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
                           resume=common["resume"], progress=not common["quiet"], setup=setup,
-                          overwrite=common["overwrite"])
+                          overwrite=common["overwrite"], report_to=common["report_to"])
         except KeyboardInterrupt as e:
             if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 of a data-parallel run
                 click.echo(_interrupted(out, getattr(e, "zoo_restored", False)), err=True)
@@ -384,13 +393,73 @@ def _interrupted(out: Path, restored: bool | None = None) -> str:
     return f"zoo: interrupted: the run in {out} stopped; {where}; resume with: zoo {shlex.join(args)}"
 
 
-def _print_summary(summary: dict[str, Any], out: Path) -> None:
+def _figures(summary: dict[str, Any]) -> str:
+    """The headline figures of a summary (``zoo run``) or an evaluation (``zoo eval``), on one line."""
     keys = ["gold_reward", "baseline_gold_reward", "proxy_reward", "baseline_proxy_reward", "win_rate_vs_reference",
             "kl_to_ref", "kl_to_optimum", "frontier_efficiency", "heldout_gold_accuracy", "heldout_label_accuracy",
             "wall_seconds"]
-    shown = "  ".join(f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))
-    typer.echo(f"{summary['algorithm']} on {summary['task']} (seed {summary['seed']}): {shown}")
+    return "  ".join(f"{k}={summary[k]:.4g}" for k in keys if isinstance(summary.get(k), (int, float)))
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    typer.echo(f"{summary['algorithm']} on {summary['task']} (seed {summary['seed']}): {_figures(summary)}")
     typer.echo(f"run directory: {out}")
+
+
+#: `zoo run`'s own-model options that `zoo eval` leaves out: they only matter to training
+EVAL_SKIPPED_SETUP = ("ptx_dataset", "gradient_checkpointing", "lora_r", "lora_alpha", "lora_dropout",
+                      "lora_target_modules")
+
+
+def _eval_command() -> click.Command:
+    """``zoo eval POLICY``: score a saved policy without training (`rlhf_zoo.eval_command`)."""
+    def opt(name: str, help: str, **kw: Any) -> click.Option:
+        return click.Option([name], help=help, default=None, **kw)
+
+    params: list[click.Parameter] = [
+        click.Argument(["policy"]),
+        opt("--task", "Built-in task to score on [default: the run's; else sentiment]; or the own-model options."),
+        opt("--task-seed", f"Seed of the task's world, {SEED_HELP} [default: the run's; else 0].",
+            type=click.IntRange(0, MAX_SEED)),
+        opt("--seed", f"Evaluation seed, {SEED_HELP} (samples use seed + 10000, as a run's) [default: the run's; else 0].",
+            type=click.IntRange(0, MAX_SEED)),
+        opt("--eval-prompts", "Held-out prompts evaluated [default: the run's; else 64].", type=click.IntRange(min=1)),
+        opt("--eval-samples", "Responses sampled per prompt [default: the run's; else 4].", type=click.IntRange(min=1)),
+        opt("--temperature", "The policy's sampling temperature [default: the run's; else 1].",
+            type=click.FloatRange(0, min_open=True)),
+        opt("--max-new-tokens", "Response length cap (0: the world's) [default: the run's; else 0].",
+            type=click.IntRange(min=0)),
+        opt("--out", "Directory for eval.json and samples.jsonl [RUN_DIR/eval/WORLD-sSEED for a run; else "
+                     "evals/NAME-WORLD-sSEED].", type=click.Path(path_type=Path)),
+        click.Option(["--json", "as_json"], is_flag=True, help="Print eval.json to stdout (machine output) instead "
+                                                             "of the summary line."),
+        click.Option(["--device"], default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+        click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+        opt("--model", "The own-model world's model: its tokenizer, and the reference unless --ref-model "
+                       "[default: the run's --model; else POLICY itself]."),
+        *[p for p in _setup_params() if p.name not in (*EVAL_SKIPPED_SETUP, "model")],
+    ]
+
+    def callback(policy: str, as_json: bool, quiet: bool, **kwargs: Any) -> None:
+        from rlhf_zoo.eval_command import EVAL_SETUP_KEYS, evaluate_saved
+
+        _quiet_hf()
+        setup = {k: kwargs.pop(k) for k in EVAL_SETUP_KEYS}
+        setup["reward_weights"] = _weights(setup["reward_weights"])
+        result, out = evaluate_saved(policy, setup=setup, progress=not quiet and not as_json, **kwargs)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        where = f"{result['algorithm']} run {result['run']}" if result.get("run") else policy
+        typer.echo(f"eval of {where} on {result['task']} (seed {result['seed']}): {_figures(result)}")
+        typer.echo(f"wrote {out / 'eval.json'} and {out / 'samples.jsonl'}")
+
+    return click.Command("eval", params=params, callback=callback, help=(
+        "Score a policy without training: gold, proxy, KL to the reference, win rate against it, lengths, samples "
+        "(a run's summary.json figures, by the same evaluation). POLICY: a run directory (its config.json gives the "
+        "defaults, so a finished run gives its summary.json figures again), a run's policy/ (alone: scored on "
+        "--task), or any Hugging Face causal LM with the own-model options (--reward, --prompts, --gold; --model "
+        "defaults to POLICY, the reference unless --ref-model)."))
 
 
 class RunGroup(click.Group):
@@ -415,6 +484,7 @@ class RunGroup(click.Group):
 def build_cli() -> click.Group:
     group = typer.main.get_command(app)
     group.add_command(RunGroup("run", help="Train with an algorithm: zoo run ALGO [OPTIONS] (see zoo run ALGO --help)."))
+    group.add_command(_eval_command())
     return group
 
 

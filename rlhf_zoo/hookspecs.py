@@ -37,6 +37,12 @@ def register_reward_functions(register: Any) -> None:
 
 
 @hookspec
+def register_loggers(register: Any) -> None:
+    """Call ``register(LoggerSpec(name, factory, description, requires, install))`` once per experiment
+    tracker; a run uses the ones named by ``--report-to`` (`rlhf_zoo.tracking`)."""
+
+
+@hookspec
 def on_run_start(run: Any) -> None:
     """Called once the run directory and config exist, before training."""
 

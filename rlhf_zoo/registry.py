@@ -1,4 +1,5 @@
-"""Plugin discovery: entry points of group ``rlhf_zoo`` -> pluggy -> named algorithms, tasks, rewards.
+"""Plugin discovery: entry points of group ``rlhf_zoo`` -> pluggy -> named algorithms, tasks, rewards
+and loggers (experiment trackers).
 
 Built-in algorithms and tasks are ordinary entry points of the ``rlhf-zoo`` distribution, loaded by the
 same path as third-party ones. Controls (environment variables):
@@ -10,7 +11,7 @@ A plugin that fails to import, or whose registration hook raises, is recorded in
 `Registry.load_errors` and skipped; everything else keeps working, and ``zoo run NAME`` for the name of
 a plugin that failed says so, with its error. Where entry points share a name, the built-in one is loaded
 first, and a name is taken only by a plugin that loaded: a broken plugin never hides a working one. Two
-plugins registering one algorithm, task or reward name raise `DuplicateNameError`.
+plugins registering one algorithm, task, reward or logger name raise `DuplicateNameError`.
 
 ``zoo list`` and ``zoo run ALGO --help`` read the registrations as data (`rlhf_zoo.catalog`), from an
 index that spares importing the plugins while nothing they came from has changed.
@@ -84,6 +85,28 @@ class RewardFunctionSpec:
 
 
 @dataclass(frozen=True)
+class LoggerSpec:
+    """An experiment tracker, selected per run by name (``zoo run ALGO --report-to NAME``).
+
+    Attributes:
+        name: what ``--report-to`` takes.
+        factory: ``factory(run: rlhf_zoo.tracking.TrackerRun) -> rlhf_zoo.tracking.Logger``, called once
+            the run directory and config.json exist (on rank 0 only). Import the tracker's library here,
+            not at the top of the plugin module, so that listing and ``--help`` stay fast.
+        description: one line for ``zoo list``.
+        requires: modules the factory imports. A run that selects the logger is refused before anything is
+            written when one of them is not installed (checked without importing them).
+        install: the command that installs them, quoted in that refusal (``pip install 'rlhf-zoo[tensorboard]'``).
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    description: str = ""
+    requires: tuple[str, ...] = ()
+    install: str = ""
+
+
+@dataclass(frozen=True)
 class PluginInfo:
     """Where a plugin came from: the entry-point name, its distribution and version."""
 
@@ -107,6 +130,7 @@ class Registry:
     algorithms: dict[str, Algorithm] = field(default_factory=dict)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     reward_functions: dict[str, RewardFunctionSpec] = field(default_factory=dict)
+    loggers: dict[str, LoggerSpec] = field(default_factory=dict)
     provided_by: dict[tuple[str, str], PluginInfo] = field(default_factory=dict)  # (kind, name) -> plugin
     plugins: list[PluginInfo] = field(default_factory=list)
     load_errors: list[LoadError] = field(default_factory=list)
@@ -120,6 +144,9 @@ class Registry:
 
     def reward_function(self, name: str) -> RewardFunctionSpec:
         return lookup(self.reward_functions, name, "reward function", self.load_errors)
+
+    def logger(self, name: str) -> LoggerSpec:
+        return lookup(self.loggers, name, "logger", self.load_errors)
 
     def _add(self, kind: str, table: dict[str, Any], item: Any, plugin: PluginInfo) -> None:
         name = item.name
@@ -211,6 +238,7 @@ def build_registry(extra_plugins: dict[str, Any] | None = None) -> Registry:
         ("algorithm", "register_algorithms", reg.algorithms),
         ("task", "register_tasks", reg.tasks),
         ("reward function", "register_reward_functions", reg.reward_functions),
+        ("logger", "register_loggers", reg.loggers),
     )
     # A plugin's registrations are collected first and committed only if all its hooks succeed, so a
     # plugin that fails half-way leaves nothing behind (and its run-time hooks are unregistered).

@@ -29,7 +29,8 @@ from rlhf_zoo.errors import ConfigError
 
 LOCK_FILE = "run.lock"
 #: what a run writes in its directory (a fresh run in the directory replaces these; nothing else is touched)
-RUN_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "policy", "model", "adapter", "rounds", "plots")
+RUN_ENTRIES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "policy", "model", "adapter", "rounds", "plots",
+               "samples", "tensorboard", "wandb", "trackers", "eval", "responses.jsonl")
 ASIDE = ".replaced"  # an earlier run's files while a fresh run in its directory has not logged anything yet
 TOLERATED = ("stderr.log",)  # a failed benchmark run's log (`rlhf_zoo.bench.execute`): kept, never refused
 _HELD: dict[str, IO[str]] = {}  # run directories this process holds: resolved path -> open lock file

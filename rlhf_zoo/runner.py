@@ -9,6 +9,10 @@ checkpoints, the final evaluation against the SFT baseline, and the run director
     policy/         the final policy in Hugging Face format (safetensors); ``model/`` for reward models
     checkpoints/    the last few complete checkpoints of the training loop (see below)
     run.lock        the pid and host of the process writing the directory (`rlhf_zoo.rundir`)
+    samples/        iter-N.jsonl: every evaluation's responses with their scores and KL (`RunContext.record_samples`)
+    tensorboard/, wandb/   the trackers' files, with ``--report-to`` (`rlhf_zoo.tracking`)
+    eval/           ``zoo eval RUN_DIR``'s evaluations (`rlhf_zoo.eval_command`; written after the run)
+    responses.jsonl best-of-n's answers to every row of a ``--prompts`` file (`plugins/best_of_n.py`)
 
 Checkpoints and resume. An algorithm registers the state its loop carries with ``ctx.track(name, obj)``
 (optimizers, schedulers, extra models, its own generators and controllers) before the loop, and loops
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
 import random
 import resource
@@ -32,7 +37,7 @@ import sys
 import time
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -64,6 +69,7 @@ from rlhf_zoo.registry import Algorithm, Registry, get_registry
 from rlhf_zoo.rewards import MissingReward
 from rlhf_zoo.rundir import (check_out, drop_set_aside, lock_run_dir, restore_set_aside, set_aside,
                             unlock_run_dir)
+from rlhf_zoo.tracking import TrackerRun, Trackers, selected_loggers
 
 DEFAULT_TASK = "sentiment"
 KEEP_CHECKPOINTS = 2
@@ -144,6 +150,9 @@ class RunContext:
     _sample_generator: torch.Generator | None = None
     _replacing: bool = False  # a fresh run whose directory still keeps an earlier run in `rundir.ASIDE`
     setup: dict[str, Any] = field(default_factory=dict)  # a run on the user's own model: its options
+    trackers: Trackers = field(default_factory=Trackers)  # the --report-to loggers (`rlhf_zoo.tracking`), rank 0
+    _last_logged: int = 0  # the highest iteration of a metrics row so far
+    _last_samples: tuple[int, list] | None = None  # the latest samples written: (iteration, rows)
 
     @property
     def sample_generator(self) -> torch.Generator:
@@ -230,8 +239,8 @@ class RunContext:
     def evaluate_now(self, iteration: int) -> None:
         """``--eval-every``: evaluate the policy as it is now, on the final evaluation's prompts, samples
         and seed (so every point of the curve is measured the same way, and the last equals the final
-        figure), and log the figures as ``eval/<name>`` in a metrics row of their own. Uses its own
-        random stream: a run with and without it trains identically."""
+        figure), and log the figures as ``eval/<name>`` in a metrics row of their own, and the responses
+        to samples/iter-N.jsonl. Uses its own random stream: a run with and without it trains identically."""
         if not self.dist.is_main:
             return
         was_training = self.policy.training
@@ -239,12 +248,37 @@ class RunContext:
         try:
             with self.phase("eval_every"):
                 figures = evaluate(ModelPolicy(self.policy), temperature=self.config.temperature,
-                                   **evaluation_args(self))
+                                   with_samples=True, **evaluation_args(self))
         finally:
             self.policy.train(was_training)
         self.counters["evaluations"] += 1
         self.log(iteration, {f"eval/{k}": v for k, v in figures.items()
                              if k in CURVE_FIGURES or (k.startswith("gold_") and isinstance(v, float))})
+        self.record_samples(iteration, figures["samples"])
+
+    @property
+    def final_iteration(self) -> int:
+        """The iteration the final evaluation is filed under: the last of the loop (`iterations`), else the
+        last metrics row's (algorithms without a loop that log steps), else 0 (nothing trained: best-of-n)."""
+        return self._total or self._last_logged
+
+    def record_samples(self, iteration: int, rows: list[dict[str, Any]]) -> Path | None:
+        """One evaluation's per-response rows (`rlhf_zoo.evaluation.sample_rows`; on ``exact``, per prompt:
+        `rlhf_zoo.evaluation.exact_rows`) to samples/iter-NNNNNN.jsonl and to the trackers as a table. The
+        final evaluation of an iteration that ``--eval-every`` has just evaluated writes the same rows: they
+        are written once (different rows, from a policy other than the one trained, replace them)."""
+        if not self.dist.is_main:
+            return None
+        path = self.out / "samples" / f"iter-{iteration:06d}.jsonl"
+        if self._last_samples == (iteration, rows) and path.is_file():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, path)
+        self._last_samples = (iteration, rows)
+        self.trackers.log_samples(iteration, rows)
+        return path
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         """Record one iteration: metrics.jsonl, the progress bar, plugin hooks, periodic checkpoints."""
@@ -257,6 +291,8 @@ class RunContext:
         self.started()
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        self._last_logged = max(self._last_logged, iteration)
+        self.trackers.log_metrics(iteration, row)
         if self._bar is not None:
             shown = {k: f"{v:.3g}" for k, v in list(row.items())[1:5] if isinstance(v, float)}
             self._bar.set_postfix(shown, refresh=False)
@@ -404,13 +440,15 @@ def make_context(
     registry: Registry | None = None,
     setup: dict[str, Any] | None = None,
     overwrite: bool | None = None,
+    report_to: str | Sequence[str] | None = None,
 ) -> RunContext:
     """Resolve the config, load the task, seed, and load the policy, reference and reward: everything
     an algorithm's ``train`` receives. `run` calls it; tests and tools can too.
 
     ``setup``: a user's own model instead of a built-in task (keys `SETUP_KEYS`, as the ``zoo run``
     options: ``model`` is required; see `rlhf_zoo.user_setup`). ``overwrite``: what may be in ``out``
-    (`rlhf_zoo.rundir.check_out`; ``zoo run`` passes False unless ``--overwrite``).
+    (`rlhf_zoo.rundir.check_out`; ``zoo run`` passes False unless ``--overwrite``). ``report_to``: the
+    loggers (experiment trackers) `run` reports to, by name (`rlhf_zoo.tracking`; metrics.jsonl always).
 
     Everything is validated (options, seeds, ``out``, the task's cached files) and the run directory
     locked (`rlhf_zoo.rundir.lock_run_dir`) before anything in ``out`` is deleted or written."""
@@ -422,6 +460,7 @@ def make_context(
     config = algo.config_cls.from_dict(options or {}, preset=preset)
     check_seed("seed", seed)
     check_seed("task_seed", task_seed)
+    loggers = selected_loggers(report_to, registry)  # an unknown or uninstalled tracker: nothing written yet
     setup = {k: v for k, v in (setup or {}).items() if v}  # options left unset (None, False, 0, empty) are absent
     if setup and "model" not in setup:
         raise ConfigError(f"--{next(iter(setup)).replace('_', '-')} applies to a run on your own model: give --model too")
@@ -486,6 +525,7 @@ def make_context(
             unlock_run_dir(out)
         raise
     ctx._replacing = dist.is_main and not resume
+    ctx.trackers = Trackers(loggers, registry)
     if took_lock:  # a context dropped without `run` (tests, tools) lets go of its directory with it
         weakref.finalize(ctx, _release, out)
     return ctx
@@ -577,21 +617,25 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
     """Run ``algorithm`` and write the run directory. Returns summary.json's content.
 
     Keyword arguments are those of `make_context` (task, seed, out, device, preset, options, task_seed,
-    checkpoint_every, keep_checkpoints, resume, progress, registry, setup, overwrite), with the same
-    defaults. The run directory is locked while the run lives (`rlhf_zoo.rundir`)."""
+    checkpoint_every, keep_checkpoints, resume, progress, registry, setup, overwrite, report_to), with the
+    same defaults. The run directory is locked while the run lives (`rlhf_zoo.rundir`)."""
+    made: list[RunContext] = []
     try:
-        return _run(algorithm, **kwargs)
+        return _run(algorithm, made, **kwargs)
     finally:
+        for ctx in made:  # the --report-to loggers: closed already when the run finished, as failed otherwise
+            ctx.trackers.close(failed=True)
         unlock_run_dir(Path(kwargs.get("out", "runs/latest")))
 
 
-def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
+def _run(algorithm: str, made: list[RunContext], **kwargs: Any) -> dict[str, Any]:
     wall_start = time.perf_counter()
     dev = resolve_device(kwargs.get("device", "auto"))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     # 1) task, models, seeding
     ctx = make_context(algorithm, **kwargs)
+    made.append(ctx)
     task, seed, task_seed, preset = ctx.task_name, ctx.seed, ctx.task_seed, ctx.preset
     algo, config, registry, the_task, out = ctx.algorithm, ctx.config, ctx.registry, ctx.task, ctx.out
     plugins = [{"name": p.name, "distribution": p.distribution, "version": p.version} for p in registry.plugins]
@@ -605,17 +649,22 @@ def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
                 "plugin_load_errors": [{"plugin": e.plugin, "error": e.error} for e in registry.load_errors],
                 "versions": versions(), "git_commit": _git_commit(), "world_size": ctx.dist.world_size, "argv": sys.argv,
                 "checkpoint_every": ctx.checkpoint_every, "keep_checkpoints": ctx.keep_checkpoints,
-                "resumed_from": latest_checkpoint(out / "checkpoints").name if ctx.resume else None}
+                "resumed_from": latest_checkpoint(out / "checkpoints").name if ctx.resume else None,
+                "report_to": list(ctx.trackers.names)}
     train_start = time.perf_counter()
     try:
-        if ctx.dist.is_main:  # rank 0 writes the run directory and calls the plugins' hooks
+        if ctx.dist.is_main:  # rank 0 writes the run directory, reports to the trackers and calls the plugins' hooks
             (out / "config.json").write_text(json.dumps(resolved, indent=2))
+            resumed = resolved["resumed_from"]
+            ctx.trackers.start(TrackerRun(out, out.resolve().name, resolved, quiet=not ctx.show_progress,
+                                          resumed_from=int(resumed.split("-")[-1]) if resumed else None))
             registry.manager.hook.on_run_start(run=ctx)
         # 2) the algorithm
         train_start = time.perf_counter()
         with autocast(ctx.device):  # bf16 forwards on CUDA (fp32 weights, log-probs and losses); CPU: fp32
             result = algo.train(ctx, config)
     except BaseException as e:
+        ctx.trackers.close(failed=True)  # (before the directory's files may be put back as they were)
         if ctx._replacing:  # stopped before its first iteration (a bad --dataset, Ctrl-C): nothing is lost
             ctx._replacing = False
             restore_set_aside(out)
@@ -645,8 +694,7 @@ def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         save_model(result.model, the_task.tokenizer_for_saving(), out / "model")
         summary.update(result.metrics)
     else:
-        with ctx.phase("evaluate"), autocast(ctx.device):
-            summary.update(_evaluate_against_baseline(ctx, result))
+        summary.update(final_evaluation(ctx, result))
         save_model(result.model, the_task.tokenizer_for_saving(), out / "policy", adapter_dir=out / "adapter",
                    generation=generation_config(the_task, config.temperature, ctx.max_new_tokens))
     wall = time.perf_counter() - wall_start
@@ -659,6 +707,7 @@ def _run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         "phase_seconds": {k: round(v, 3) for k, v in ctx.phase_seconds.items()},
     })
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    ctx.trackers.finish(summary)
     registry.manager.hook.on_run_end(run=ctx, summary=summary)
     ctx.dist.barrier()
     return summary
@@ -676,11 +725,24 @@ def evaluation_args(ctx: RunContext) -> dict[str, Any]:
                 device=ctx.device)
 
 
+def final_evaluation(ctx: RunContext, policy: Any) -> dict[str, Any]:
+    """The evaluation a run ends with: summary.json's figures for ``policy`` (an algorithm's result) against
+    ``ctx.reference`` on the same prompts and seed (`_evaluate_against_baseline`), timed as the run's
+    ``evaluate`` phase. ``zoo eval`` (`rlhf_zoo.eval_command`) calls it on a saved policy, so a finished run
+    evaluated again gives its summary.json figures. The policy's model answers in eval mode (no dropout)."""
+    model = getattr(policy, "model", None)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    with ctx.phase("evaluate"), autocast(ctx.device):
+        return _evaluate_against_baseline(ctx, policy)
+
+
 def _evaluate_against_baseline(ctx: RunContext, policy: Any) -> dict[str, Any]:
     cfg, task = ctx.config, ctx.task
     common = evaluation_args(ctx)
     prompts = common["prompts"]
-    final = evaluate(policy, temperature=cfg.temperature, **common)
+    final = evaluate(policy, temperature=cfg.temperature, with_samples=True, **common)
+    ctx.record_samples(ctx.final_iteration, final.pop("samples"))
     baseline = evaluate(ModelPolicy(ctx.reference), temperature=1.0, **common)
     out = dict(final)
     out.pop("examples", None)

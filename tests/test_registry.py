@@ -28,7 +28,7 @@ BUILTIN_ALGORITHMS = ("sft", "reward-model", "best-of-n", "ppo", "ppo-ptx", "dpo
                       "rloo", "grpo", "iterated-rlhf")
 BUILTIN_TASKS = ("exact", "sentiment", "hh")
 BUILTIN_ENTRY_POINTS = {"sft", "reward-model", "best-of-n", "ppo", "dpo", "rrhf", "rejection-sampling", "tasks",
-                        "rewards", "rloo", "grpo", "iterated-rlhf"}
+                        "rewards", "rloo", "grpo", "iterated-rlhf", "loggers"}
 PLUGIN_SITE = Path(__file__).parent / "fixtures" / "plugin_site"
 THIRD_PARTY_MODULES = ("zoo_example_plugin", "zoo_broken_plugin")
 
