@@ -110,6 +110,38 @@ def largest_fall(kl: list[float], gold: list[float], proxy: list[float]) -> dict
     return {**best, "kl": [kl[i], kl[j]], "gold": [gold[i], gold[j]], "proxy": [proxy[i], proxy[j]]}
 
 
+def pooled_curve(curves: list[dict], bins: int = 12) -> dict:
+    """Several seeds' PPO curves as one: every evaluation point (d, gold - that seed's gold(0), proxy) pooled,
+    the fit on all points, and the means in equal-width bins of d (the curve one seed's oscillations hide)."""
+    d = np.concatenate([c["d"] for c in curves])
+    gain = np.concatenate([np.array(c["gold"]) - c["gold"][0] for c in curves])
+    gold0 = float(np.mean([c["gold"][0] for c in curves]))
+    proxy = np.concatenate([c["proxy"] for c in curves])
+    edges = np.linspace(0, d.max() + 1e-9, bins + 1)
+    which = np.clip(np.digitize(d, edges) - 1, 0, bins - 1)
+    binned = {"d": [], "kl": [], "gold": [], "gold_sem": [], "proxy": [], "points": []}
+    for b in range(bins):
+        m = which == b
+        if m.sum() == 0:
+            continue
+        binned["d"].append(float(d[m].mean()))
+        binned["kl"].append(float((d[m] ** 2).mean()))
+        binned["gold"].append(gold0 + float(gain[m].mean()))
+        binned["gold_sem"].append(float(gain[m].std(ddof=1) / math.sqrt(m.sum())) if m.sum() > 1 else float("nan"))
+        binned["proxy"].append(float(proxy[m].mean()))
+        binned["points"].append(int(m.sum()))
+    peak = int(np.argmax(binned["gold"]))
+    return {"seeds": [c["seed"] for c in curves], "beta": curves[0]["beta"], "proxy_rm": curves[0].get("proxy_rm"),
+            "gold0": gold0, "fit": fit(d, gain, "rl"), "bins": binned,
+            "observed_peak": {"kl": binned["kl"][peak], "gold": binned["gold"][peak],
+                              "gold_after": binned["gold"][peak + 1:], "proxy_after": binned["proxy"][peak + 1:],
+                              "gold_falls_after_peak": bool(min(binned["gold"][peak + 1:], default=np.inf)
+                                                            < binned["gold"][peak] - 1e-9),
+                              "proxy_rises_after_peak": bool(all(b > a for a, b in zip(binned["proxy"][peak:],
+                                                                                        binned["proxy"][peak + 1:]))
+                                                             and peak + 1 < len(binned["proxy"]))}}
+
+
 # --- the measurements -------------------------------------------------------------------------------
 def train_proxies(task, sizes: list[int], args, device) -> dict[str, dict]:
     """Reward models trained on the first n of one set of rankings for each n in ``sizes``, each from the
@@ -196,24 +228,26 @@ def bon_curves(pool: dict, n_max: int) -> dict[str, dict]:
     return out
 
 
-def ppo_curve(task_name: str, beta: float, args, out_dir: Path, proxy: str = "task", proxies: dict | None = None) -> dict:
+def ppo_curve(task_name: str, beta: float, args, out_dir: Path, proxy: str = "task", proxies: dict | None = None,
+              seed: int = 0) -> dict:
     """A long PPO run with KL coefficient ``beta`` evaluated every ``args.ppo_eval_every`` iterations, against
     the task's reward model (``proxy`` "task") or one of ``proxies`` (the RM the environment pays and the
     evaluation's proxy_reward, swapped in for this process's runs)."""
     from rlhf_zoo_envs.tasks.base import Task  # noqa: PLC0415
 
-    run_dir = out_dir / "runs" / (f"ppo-{task_name}-beta{beta:g}" + ("" if proxy == "task" else f"-{proxy}"))
+    run_dir = out_dir / "runs" / (f"ppo-{task_name}-beta{beta:g}" + ("" if proxy == "task" else f"-{proxy}")
+                                  + (f"-s{seed}" if seed else ""))
     if proxy != "task":
         model = proxies[proxy]["model"]
         Task.proxy_reward = lambda self, device="cpu": ModelReward(model.to(device))
     options = {"beta": beta, "iterations": args.ppo_iterations, "eval_every": args.ppo_eval_every,
-               "eval_prompts": args.prompts, "eval_samples": 4, "lr_schedule": "constant",  # (keeps moving)
+               "eval_prompts": args.prompts, "eval_samples": args.ppo_eval_samples, "lr_schedule": "constant",  # (keeps moving)
                "learning_rate": args.ppo_lr}
     t0 = time.perf_counter()
-    if _finished_with(run_dir, options, args.seed):  # (a finished run of the same config is read, not redone)
+    if _finished_with(run_dir, options, seed):  # (a finished run of the same config is read, not redone)
         print(f"ppo beta {beta}: reusing the finished run in {run_dir}", flush=True)
     else:
-        run("ppo", task=task_name, seed=args.seed, out=run_dir, device=args.device, options=options, progress=False,
+        run("ppo", task=task_name, seed=seed, out=run_dir, device=args.device, options=options, progress=False,
             checkpoint_every=0, overwrite=True)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     curve = [r for r in rows if "eval/gold_reward" in r]
@@ -224,7 +258,7 @@ def ppo_curve(task_name: str, beta: float, args, out_dir: Path, proxy: str = "ta
     d = np.sqrt(kl)
     peak = int(np.argmax(gold))
     print(f"ppo beta {beta}: {time.perf_counter() - t0:.0f}s, peak gold {gold[peak]:.3f} at KL {kl[peak]:.2f}", flush=True)
-    return {"beta": beta, "iterations": it, "kl": kl, "d": d.tolist(), "gold": gold, "proxy": prox,
+    return {"beta": beta, "seed": seed, "iterations": it, "kl": kl, "d": d.tolist(), "gold": gold, "proxy": prox,
             "response_length": [r.get("eval/response_length") for r in curve],
             "fit": fit(d, np.array(gold) - gold[0], "rl"), "largest_fall": largest_fall(kl, gold, prox),
             "observed_peak": {"iteration": it[peak], "kl": kl[peak], "gold": gold[peak],
@@ -272,6 +306,24 @@ def plot(result: dict, out_dir: Path) -> list[str]:
     axes[0].set(xlabel="d = sqrt(KL)", ylabel="reward", title=f"best-of-N on {result['task']}: gold (solid), proxy (dashed)")
     axes[1].set(xlabel="d = sqrt(KL)", ylabel="gold - gold(N=1)", title="fit gold = d (alpha - beta d)")
     save(fig, axes, f"bon_{result['task']}.png", 7)
+    for c in result.get("ppo_pooled", []):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        runs = [r for r in result["ppo"] if r["proxy_rm"] == c["proxy_rm"] and r["beta"] == c["beta"]]
+        for r in runs:
+            axes[0].plot(r["d"], r["gold"], ".", color="C0", alpha=0.3)
+            axes[0].plot(r["d"], r["proxy"], ".", color="C1", alpha=0.3)
+        b, f = c["bins"], c["fit"]
+        axes[0].errorbar(b["d"], b["gold"], yerr=b["gold_sem"], fmt="o-", color="C0", label="gold (bin mean)")
+        axes[0].plot(b["d"], b["proxy"], "s--", color="C1", label="proxy (bin mean)")
+        dd = np.linspace(1e-3, max(b["d"]), 200)
+        axes[1].plot(np.concatenate([r["d"] for r in runs]),
+                     np.concatenate([np.array(r["gold"]) - r["gold"][0] for r in runs]), ".", alpha=0.4)
+        axes[1].plot(dd, dd * (f["alpha"] - f["beta"] * np.log(dd)), "-",
+                     label=f"a={f['alpha']:.2f} b={f['beta']:.2f} R2={f['r2']:.2f}")
+        axes[0].set(xlabel="d = sqrt(KL)", ylabel="reward",
+                    title=f"PPO beta={c['beta']:g} against {c['proxy_rm']}, {len(runs)} seeds")
+        axes[1].set(xlabel="d = sqrt(KL)", ylabel="gold - gold(0)", title="fit gold = d (alpha - beta log d), all points")
+        save(fig, axes, f"ppo_{result['task']}_beta{c['beta']:g}_{c['proxy_rm']}_pooled.png", 8)
     for c in result.get("ppo", []):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         axes[0].plot(c["d"], c["gold"], "o-", label="gold")
@@ -283,7 +335,7 @@ def plot(result: dict, out_dir: Path) -> list[str]:
                      label=f"a={f['alpha']:.2f} b={f['beta']:.2f} R2={f['r2']:.2f}")
         axes[0].set(xlabel="d = sqrt(KL)", ylabel="reward", title=f"PPO beta={c['beta']:g} against {c['proxy_rm']} on {result['task']}")
         axes[1].set(xlabel="d = sqrt(KL)", ylabel="gold - gold(0)", title="fit gold = d (alpha - beta log d)")
-        save(fig, axes, f"ppo_{result['task']}_beta{c['beta']:g}_{c['proxy_rm']}.png", 8)
+        save(fig, axes, f"ppo_{result['task']}_beta{c['beta']:g}_{c['proxy_rm']}_s{c.get('seed', 0)}.png", 8)
     return files
 
 
@@ -294,6 +346,9 @@ def report(result: dict) -> str:
              "d = sqrt(KL(pi || pi_ref)). Best-of-N: one pool of SFT samples per prompt, the unbiased best-of-N "
              "estimator, analytic KL log N - (N-1)/N; fit gold - gold(N=1) = d (alpha - beta d). PPO: evaluated "
              "every few iterations on the held-out prompts (sampled KL); fit gold - gold(0) = d (alpha - beta log d).",
+             *([f"", f"The best-of-N curves are those of `{result['best_of_n_from']['command']}` at commit "
+                f"{result['best_of_n_from']['git_commit']} (`--ppo-only`: the same world, proxy RMs and seeds; only "
+                "the PPO curves were run again)."] if "best_of_n_from" in result else []),
              "", "## Best-of-N against proxy reward models of several training-set sizes", "",
              "| proxy RM | rankings | held-out gold accuracy | alpha | beta | R^2 | fitted peak KL | fitted peak gain | "
              "observed peak (N, KL, gold) | gold at N_max | proxy at peak -> N_max |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -302,9 +357,20 @@ def report(result: dict) -> str:
         lines.append(f"| {name} | {rm['rankings']} | {rm['heldout_gold_accuracy']:.3f} | {f['alpha']:.3f} | {f['beta']:.3f} | "
                      f"{f['r2']:.3f} | {f.get('peak_kl', float('nan')):.2f} | {f.get('peak_gain', float('nan')):.3f} | "
                      f"{p['n']}, {p['kl']:.2f}, {p['gold']:.3f} | {c['gold'][-1]:.3f} | {c['proxy'][int(np.log2(p['n']))]:.3f} -> {c['proxy'][-1]:.3f} |")
+    for c in result.get("ppo_pooled", []):
+        f, p, b = c["fit"], c["observed_peak"], c["bins"]
+        lines += ["", f"## PPO against {c['proxy_rm']}, beta = {c['beta']:g}, seeds {', '.join(map(str, c['seeds']))} pooled", "",
+                  f"Every evaluation point of the seeds' runs, gold relative to each seed's starting gold; fit on all "
+                  f"points: alpha {f['alpha']:.3f}, beta {f['beta']:.3f}, R^2 {f['r2']:.3f}, fitted peak at KL "
+                  f"{f.get('peak_kl', float('nan')):.2f} (gain {f.get('peak_gain', float('nan')):.3f}). Binned in d: peak "
+                  f"gold {p['gold']:.3f} at KL {p['kl']:.2f}; gold falls after it: {p['gold_falls_after_peak']}; proxy "
+                  f"rises in every bin after it: {p['proxy_rises_after_peak']}.", "",
+                  "| bin mean KL | d | gold (mean +- s.e.) | proxy | points |", "|---|---|---|---|---|"]
+        lines += [f"| {k:.2f} | {d:.2f} | {g:.3f} +- {e:.3f} | {q:.3f} | {n} |" for k, d, g, e, q, n in
+                  zip(b["kl"], b["d"], b["gold"], b["gold_sem"], b["proxy"], b["points"], strict=True)]
     for c in result.get("ppo", []):
         f, p = c["fit"], c["observed_peak"]
-        lines += ["", f"## PPO against {c['proxy_rm']}, beta = {c['beta']:g}, {c['iterations'][-1]} iterations, learning rate "
+        lines += ["", f"## PPO against {c['proxy_rm']}, beta = {c['beta']:g}, seed {c.get('seed', 0)}, {c['iterations'][-1]} iterations, learning rate "
                   f"{result['args']['ppo_lr']} ({c['seconds']:.0f} s)", "",
                   f"Fit: alpha {f['alpha']:.3f}, beta {f['beta']:.3f}, R^2 {f['r2']:.3f}, fitted peak at KL "
                   f"{f.get('peak_kl', float('nan')):.2f}. Observed peak: gold {p['gold']:.3f} at iteration {p['iteration']}, "
@@ -343,14 +409,20 @@ def main() -> None:
     ap.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO policy learning rate (constant: small, so KL "
                     "grows slowly enough to trace the gold curve)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ppo-seeds", default="0", help="PPO seeds, comma-separated: one run each, and a pooled curve")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ppo-eval-samples", type=int, default=4, help="samples per held-out prompt at each PPO evaluation")
     ap.add_argument("--report-only", action="store_true", help="redraw the report and plots from --out's JSON")
+    ap.add_argument("--ppo-only", type=Path, default=None, metavar="JSON",
+                    help="keep the best-of-N curves of this earlier result and redo the PPO curves (the proxy RMs are "
+                         "retrained from the earlier --rm-sizes and seed: the same recipe and rankings)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         result = json.loads((args.out / f"overoptimisation_{args.task}.json").read_text())
         for c in result.get("ppo", []):
             c["largest_fall"] = largest_fall(c["kl"], c["gold"], c["proxy"])
+        result["ppo_pooled"] = pool_ppo(result.get("ppo", []))
         write(result, args.out)
         return
     from transformers.utils import logging as hf_logging  # noqa: PLC0415
@@ -360,6 +432,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     task = get_registry().task(args.task).load(seed=0, progress=True)
     start = time.perf_counter()
+    earlier = json.loads(args.ppo_only.read_text()) if args.ppo_only else None
+    if earlier:
+        args.rm_sizes = earlier["args"]["rm_sizes"]
     sizes = [int(s) for s in args.rm_sizes.split(",") if s]
     proxies = train_proxies(task, sizes, args, device) if sizes else {}
     task_rm = task.reward_models[0]
@@ -367,16 +442,33 @@ def main() -> None:
                                   "heldout_gold_accuracy": task.manifest["reward_models"][task_rm]["heldout_gold_accuracy"]}
     for p in proxies.values():
         p["fn"] = ModelReward(p["model"])
-    pool = bon_pool(task, proxies, args, device)
+    if earlier:
+        for name, p in earlier["proxies"].items():
+            if name in proxies and abs(p["heldout_gold_accuracy"] - proxies[name]["heldout_gold_accuracy"]) > 1e-9:
+                print(f"warning: {name} held-out accuracy {proxies[name]['heldout_gold_accuracy']} differs from the "
+                      f"earlier result's {p['heldout_gold_accuracy']}", flush=True)
+    pool = None if earlier else bon_pool(task, proxies, args, device)
     result = {"task": args.task, "command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, "
               f"{torch.get_num_threads()} torch threads, {platform.processor() or platform.platform()}",
               "versions": versions(), "git_commit": _git_commit(), "args": {k: str(v) for k, v in vars(args).items()},
               "proxies": {k: {kk: vv for kk, vv in v.items() if kk not in ("model", "fn")} for k, v in proxies.items()},
-              "best_of_n": bon_curves(pool, args.pool // 2)}
-    result["ppo"] = [{**ppo_curve(args.task, float(b), args, args.out, proxy, proxies), "proxy_rm": proxy}
-                     for proxy in args.ppo_proxies.split(",") for b in args.ppo_betas.split(",") if b]
+              "best_of_n": earlier["best_of_n"] if earlier else bon_curves(pool, args.pool // 2)}
+    if earlier:
+        result["best_of_n_from"] = {"command": earlier["command"], "git_commit": earlier["git_commit"]}
+    seeds = [int(x) for x in args.ppo_seeds.split(",") if x]
+    result["ppo"] = [{**ppo_curve(args.task, float(b), args, args.out, proxy, proxies, seed), "proxy_rm": proxy}
+                     for proxy in args.ppo_proxies.split(",") for b in args.ppo_betas.split(",") if b for seed in seeds]
+    result["ppo_pooled"] = pool_ppo(result["ppo"])
     result["seconds"] = round(time.perf_counter() - start, 1)
     write(result, args.out)
+
+
+def pool_ppo(curves: list[dict]) -> list[dict]:
+    """One pooled curve per (proxy RM, beta) that has more than one seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in curves:
+        groups.setdefault((c["proxy_rm"], c["beta"]), []).append(c)
+    return [pooled_curve(g) for g in groups.values() if len(g) > 1]
 
 
 def write(result: dict, out: Path) -> None:

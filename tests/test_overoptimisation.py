@@ -63,3 +63,24 @@ def test_largest_fall_is_the_biggest_gold_drop_while_the_proxy_rose(oo):
     assert fall["kl"] == [1, 4] and fall["proxy"] == [1.0, 3.0]
     assert oo.largest_fall([0, 1, 2], [0.0, 0.5, 1.0], [0.0, 1.0, 2.0]) is None  # gold never fell
     assert oo.largest_fall([0, 1], [1.0, 0.0], [1.0, 0.5]) is None  # it fell, but the proxy fell too
+
+
+def test_pooled_curve_bins_every_seeds_points_relative_to_its_start(oo):
+    """Two seeds with different starting gold: gains are pooled, bin means are hand-computed, the peak bin
+    and the fall after it are found, and the fit runs on all points."""
+    a = {"seed": 0, "beta": 0.01, "proxy_rm": "task", "d": [0.2, 1.4, 2.5, 2.9], "gold": [0.0, 0.5, 0.3, 0.1],
+         "proxy": [0.0, 1.0, 2.0, 3.0]}
+    b = {"seed": 1, "beta": 0.01, "proxy_rm": "task", "d": [0.2, 1.4, 2.5, 2.9], "gold": [0.2, 0.9, 0.3, 0.1],
+         "proxy": [0.0, 1.2, 2.2, 3.2]}
+    c = oo.pooled_curve([a, b], bins=3)  # bin edges 0, 0.967, 1.933, 2.9: d=0.2 | d=1.4 | d=2.5 and 2.9
+    assert c["gold0"] == pytest.approx(0.1)
+    assert c["bins"]["points"] == [2, 2, 4]
+    assert c["bins"]["d"] == pytest.approx([0.2, 1.4, 2.7])
+    assert c["bins"]["kl"] == pytest.approx([0.04, 1.96, (2.5**2 + 2.9**2) / 2])
+    # gains: seed 0 (0, .5, .3, .1), seed 1 (0, .7, .1, -.1); bin means + mean start 0.1
+    assert c["bins"]["gold"] == pytest.approx([0.1, 0.1 + 0.6, 0.1 + (0.3 + 0.1 + 0.1 - 0.1) / 4])
+    assert c["bins"]["proxy"] == pytest.approx([0.0, 1.1, 2.6])
+    p = c["observed_peak"]
+    assert p["kl"] == pytest.approx(1.96) and p["gold"] == pytest.approx(0.7)
+    assert p["gold_falls_after_peak"] and p["proxy_rises_after_peak"]
+    assert c["fit"]["r2"] <= 1.0 and c["seeds"] == [0, 1]
