@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from rlhf_zoo.distributed import all_reduce_gradients
 from rlhf_zoo.errors import NonFiniteError
 from rlhf_zoo.models import reward_scores
-from rlhf_zoo.ops.logprobs import logprobs_from_logits
-from rlhf_zoo.ops.masking import masked_mean, masked_sum, position_ids_from_mask
+from rlhf_zoo.ops.logprobs import shifted_logprobs
+from rlhf_zoo.ops.masking import masked_mean, masked_sum
 from rlhf_zoo.ops.ranking import pair_indices, ranking_loss
 
 
@@ -51,9 +51,8 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], suppress_ids
             normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of the counted tokens (token t predicted from tokens < t); with
     ``normalizer``, their sum divided by it (a shard's part of a larger batch's mean)."""
-    attn = batch["attention_mask"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits
-    logp = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:], suppress_ids=suppress_ids)  # (B, T-1)
+    logp = shifted_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                            suppress_ids=suppress_ids)  # (B, T-1); chunked above a size (rlhf_zoo.ops.logprobs)
     if normalizer is not None:
         return masked_sum(-logp, batch["loss_mask"][:, 1:]) / normalizer
     return masked_mean(-logp, batch["loss_mask"][:, 1:])
