@@ -346,6 +346,7 @@ def report(result: dict) -> str:
              "d = sqrt(KL(pi || pi_ref)). Best-of-N: one pool of SFT samples per prompt, the unbiased best-of-N "
              "estimator, analytic KL log N - (N-1)/N; fit gold - gold(N=1) = d (alpha - beta d). PPO: evaluated "
              "every few iterations on the held-out prompts (sampled KL); fit gold - gold(0) = d (alpha - beta log d).",
+             *(["", result["note"]] if result.get("note") else []),
              *([f"", f"The best-of-N curves are those of `{result['best_of_n_from']['command']}` at commit "
                 f"{result['best_of_n_from']['git_commit']} (`--ppo-only`: the same world, proxy RMs and seeds; only "
                 "the PPO curves were run again)."] if "best_of_n_from" in result else []),
