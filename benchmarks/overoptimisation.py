@@ -407,12 +407,12 @@ def main() -> None:
     ap.add_argument("--ppo-proxies", default="task,rm-500", help="the RMs PPO optimises: task (the task's own) and "
                     "names of the --rm-sizes RMs (rm-N), comma-separated")
     ap.add_argument("--ppo-eval-every", type=int, default=10)
-    ap.add_argument("--ppo-lr", type=float, default=3e-5, help="PPO policy learning rate (constant: small, so KL "
+    ap.add_argument("--ppo-lr", type=float, default=1e-5, help="PPO policy learning rate (constant: small, so KL "
                     "grows slowly enough to trace the gold curve)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ppo-seeds", default="0", help="PPO seeds, comma-separated: one run each, and a pooled curve")
+    ap.add_argument("--ppo-seeds", default="0,1,2", help="PPO seeds, comma-separated: one run each, and a pooled curve")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ppo-eval-samples", type=int, default=4, help="samples per held-out prompt at each PPO evaluation")
+    ap.add_argument("--ppo-eval-samples", type=int, default=8, help="samples per held-out prompt at each PPO evaluation")
     ap.add_argument("--report-only", action="store_true", help="redraw the report and plots from --out's JSON")
     ap.add_argument("--ppo-only", type=Path, default=None, metavar="JSON",
                     help="keep the best-of-N curves of this earlier result and redo the PPO curves (the proxy RMs are "

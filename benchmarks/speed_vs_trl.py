@@ -517,6 +517,543 @@ def env_methods(task: Any, batch: int) -> dict[str, Callable[[], dict[str, float
     return {"plain": plain_only, "env": env, "plain_ref": plain_ref}
 
 
+# --- 4. every trainer through the user-model path (both shapes) ----------------------------------------
+#: model and data shapes built from config for the user-model comparisons (``zoo run ALGO --model DIR ...``).
+#: realistic: byte-level BPE of ~32k tokens trained in-process on generated text, a Qwen2 of 8 layers x 512
+#: (~42M parameters, tied embeddings), prompts of 64 tokens, responses of up to 64 (EOS included); tiny: the
+#: same builder at the scale of the sentiment task's model; mini: the test's.
+USER_SHAPES: dict[str, dict[str, int]] = {
+    "realistic": {"vocab_size": 32000, "hidden": 512, "layers": 8, "heads": 8, "intermediate": 1408,
+                  "prompt_tokens": 64, "response_tokens": 64, "lexicon": 40000, "corpus_lines": 12000,
+                  "words_per_line": 40, "rows": 64},
+    "tiny": {"vocab_size": 512, "hidden": 64, "layers": 2, "heads": 2, "intermediate": 128,
+             "prompt_tokens": 16, "response_tokens": 16, "lexicon": 2000, "corpus_lines": 2000,
+             "words_per_line": 20, "rows": 512},
+    "mini": {"vocab_size": 400, "hidden": 32, "layers": 2, "heads": 2, "intermediate": 64,
+             "prompt_tokens": 12, "response_tokens": 10, "lexicon": 600, "corpus_lines": 400,
+             "words_per_line": 16, "rows": 16},
+}
+#: the work of one repetition per shape: DPO / reward-model pairs and SFT rows (one epoch of ``batch``),
+#: online rollouts of ``prompts`` x ``k`` samples; ``reps`` counted repetitions after one warm-up
+USER_WORK: dict[str, dict[str, int]] = {
+    "realistic": {"pairs": 16, "batch": 8, "prompts": 4, "k": 4, "iterations": 1, "reps": 2},
+    "tiny": {"pairs": 512, "batch": 64, "prompts": 16, "k": 4, "iterations": 4, "reps": 5},
+    "mini": {"pairs": 8, "batch": 4, "prompts": 2, "k": 2, "iterations": 1, "reps": 1},
+}
+USER_ALGORITHMS = ("dpo", "sft", "reward-model", "rloo", "grpo")
+TRL_COUNTERPART = {"dpo": "DPOTrainer", "sft": "SFTTrainer", "reward-model": "RewardTrainer", "rloo": "RLOOTrainer",
+                   "grpo": "GRPOTrainer", "ppo": "PPOTrainer (trl.experimental.ppo)"}
+USER_BETA, USER_LR = 0.1, 1e-5
+EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
+TARGET_REALISTIC_RATIO = 1.3
+
+
+def _lexicon(n: int, rng: Any) -> list[str]:
+    """n distinct pseudo-words of 1-4 syllables (a Zipf-like corpus of them trains a BPE of any size)."""
+    onsets = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br",
+              "ch", "dr", "fl", "gr", "kl", "pr", "sh", "st", "th", "tr"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "io", "ou", "y"]
+    codas = ["", "", "", "n", "r", "s", "l", "m", "t", "ck", "nd", "st"]
+    words: dict[str, None] = {}
+    while len(words) < n:
+        k = rng.choice((1, 2, 2, 3, 3, 4))
+        words["".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(k))] = None
+    return list(words)
+
+
+def build_user_setup(out: Path, shape: dict[str, int], seed: int = 0) -> dict[str, Any]:
+    """Everything the user-model comparisons read, in ``out``: ``policy/`` (a Qwen2 causal LM from config,
+    random weights, with the tokenizer), ``rm/`` (the same architecture as a one-label
+    AutoModelForSequenceClassification, same tokenizer), ``prefs.jsonl`` (prompt/chosen/rejected),
+    ``demos.jsonl`` (prompt/completion) and ``prompts.jsonl``. The tokenizer is a byte-level BPE trained
+    here on generated text (no BOS, EOS ``<|im_end|>``, pad ``<|endoftext|>``). Every prompt is exactly
+    ``prompt_tokens`` tokens and every response ``response_tokens - 1`` tokens + EOS: with a byte-level
+    pre-tokenizer each " word" tokenises on its own, so a text's length is the sum of its words'.
+    -> {paths, tokens (per-word counts checked), parameters, seconds}"""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen2Config
+
+    from rlhf_zoo.fixtures import bpe_tokenizer
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    lex = _lexicon(shape["lexicon"], rng)
+    weights = [1.0 / (i + 10) for i in range(len(lex))]  # Zipf-like: frequent words become single tokens
+    lines = [" ".join(rng.choices(lex, weights, k=shape["words_per_line"])) for _ in range(shape["corpus_lines"])]
+    tok = bpe_tokenizer(lines, vocab_size=shape["vocab_size"], special={"eos": EOS_TOKEN, "pad": PAD_TOKEN},
+                        add_bos=False, chat_template=None)
+    t_tok = time.perf_counter()
+    counts = dict(zip(lex, (len(x) for x in tok([" " + w for w in lex], add_special_tokens=False)["input_ids"]),
+                      strict=True))
+    singles = [w for w in lex if counts[w] == 1]
+
+    def text(n_tokens: int) -> str:
+        """" w1 w2 ..." of exactly n_tokens tokens (words drawn by frequency, the last one to fit)."""
+        words, n = [], 0
+        while n < n_tokens:
+            w = rng.choices(lex, weights)[0]
+            if n + counts[w] > n_tokens:
+                w = rng.choice(singles)
+            words.append(w)
+            n += counts[w]
+        return "".join(" " + w for w in words)
+
+    P, R, rows = shape["prompt_tokens"], shape["response_tokens"] - 1, shape["rows"]
+    prefs, demos, prompts = [], [], []
+    for _ in range(rows):
+        p = text(P)
+        chosen, rejected = text(R), text(R)
+        prefs.append({"prompt": p, "chosen": chosen, "rejected": rejected})
+        demos.append({"prompt": p, "completion": chosen})
+        prompts.append({"prompt": p})
+    paths = {"policy": out / "policy", "rm": out / "rm", "prefs": out / "prefs.jsonl", "demos": out / "demos.jsonl",
+             "prompts": out / "prompts.jsonl"}
+    for key, data in (("prefs", prefs), ("demos", demos), ("prompts", prompts)):
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in data))
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                         num_key_value_heads=shape["heads"], max_position_embeddings=4 * (P + R + 1),
+                         tie_word_embeddings=True, attention_dropout=0.0, bos_token_id=None,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    policy = AutoModelForCausalLM.from_config(config)
+    policy.generation_config.eos_token_id = tok.eos_token_id
+    policy.generation_config.pad_token_id = tok.pad_token_id
+    policy.save_pretrained(paths["policy"])
+    tok.save_pretrained(paths["policy"])
+    config.num_labels = 1
+    rm = AutoModelForSequenceClassification.from_config(config)
+    rm.save_pretrained(paths["rm"])
+    tok.save_pretrained(paths["rm"])
+    n_params = sum(p.numel() for p in policy.parameters())
+    del policy, rm
+    return {"paths": paths, "parameters": n_params, "vocab_size": len(tok), "tokenizer_seconds": t_tok - t0,
+            "seconds": time.perf_counter() - t0}
+
+
+def _read_jsonl(path: Path, n: int | None = None) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:n] if n else rows
+
+
+# peak memory of a repetition, in the process (benchmarks/logprob_memory.py's method): the freed heap goes
+# back to the system (malloc_trim), the kernel's peak-RSS counter is reset (/proc/self/clear_refs 5), and
+# VmHWM after the run minus VmRSS before it is the run's peak: models, data, activations, optimiser state
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def with_peak_memory(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    reset = _reset_peak()
+    before = _status_kib("VmRSS")
+    r = fn()
+    peak = _status_kib("VmHWM")
+    r["peak_rss_mb"] = (peak - before) / 1024 if reset and peak is not None and before is not None else float("nan")
+    return r
+
+
+def _user_context(algorithm: str, paths: dict[str, Path], out: Path, options: dict[str, Any], online: bool) -> Any:
+    from rlhf_zoo.runner import make_context
+
+    setup: dict[str, Any] = {"model": str(paths["policy"])}
+    if online:
+        setup.update(reward=[str(paths["rm"])], prompts=str(paths["prompts"]))
+    return make_context(algorithm, seed=0, out=out, device="cpu", options=options, progress=False,
+                        checkpoint_every=0, setup=setup)
+
+
+def user_zoo_options(algorithm: str, shape: dict[str, int], w: dict[str, int]) -> dict[str, Any]:
+    """The zoo side's options, matched to the TRL side's config (``user_trl_args``)."""
+    R = shape["response_tokens"]
+    steps = math.ceil(w["pairs"] / w["batch"])
+    if algorithm == "dpo":
+        return {"dataset": "prefs", "max_pairs": w["pairs"], "batch_size": w["batch"], "epochs": 1, "steps": 0,
+                "learning_rate": USER_LR, "warmup_steps": 0, "loss_type": "sigmoid", "beta": USER_BETA,
+                "max_new_tokens": R}
+    if algorithm == "sft":
+        return {"dataset": "demos", "steps": steps, "batch_size": w["batch"], "learning_rate": USER_LR, "max_new_tokens": R}
+    if algorithm == "reward-model":
+        return {"dataset": "prefs", "steps": steps, "batch_size": w["batch"], "learning_rate": USER_LR,
+                "heldout_fraction": 0.05, "max_new_tokens": R}
+    if algorithm == "rloo":
+        return {"iterations": w["iterations"], "prompts_per_iteration": w["prompts"], "k": w["k"], "epochs": 1,
+                "minibatches": 1, "learning_rate": USER_LR, "beta": USER_BETA, "max_new_tokens": R}
+    if algorithm == "grpo":
+        return {"iterations": w["iterations"], "prompts_per_iteration": w["prompts"], "k": w["k"], "epochs": 2,
+                "minibatches": 2, "learning_rate": USER_LR, "beta": USER_BETA, "loss_type": "grpo", "max_new_tokens": R}
+    raise ValueError(algorithm)
+
+
+def user_units(algorithm: str, shape: dict[str, int], w: dict[str, int]) -> tuple[str, float]:
+    """(unit, amount of work per repetition): pairs, rows x tokens, or sampled responses."""
+    steps = math.ceil(w["pairs"] / w["batch"])
+    if algorithm == "dpo":
+        return "pairs", float(w["pairs"])
+    if algorithm == "reward-model":
+        return "pairs", float(steps * w["batch"])
+    if algorithm == "sft":
+        return "tokens", float(steps * w["batch"] * (shape["prompt_tokens"] + shape["response_tokens"]))
+    return "samples", float(w["iterations"] * w["prompts"] * w["k"])
+
+
+def zoo_user(algorithm: str, paths: dict[str, Path], shape: dict[str, int], w: dict[str, int], out: Path) -> dict[str, Any]:
+    opts = user_zoo_options(algorithm, shape, w)
+    if "dataset" in opts:
+        opts["dataset"] = str(paths[opts["dataset"]])
+    start, cpu = time.perf_counter(), time.process_time()
+    ctx = _user_context(algorithm, paths, out, opts, online=algorithm in ("rloo", "grpo", "ppo"))
+    t_train = time.perf_counter()
+    ctx.algorithm.train(ctx, ctx.config)
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    seconds = end - start
+    unit, work = user_units(algorithm, shape, w)
+    phases = {"setup (make_context: models, reward, prompts)": t_train - start, **ctx.phase_seconds}
+    phases["other (data, optimiser, bookkeeping)"] = seconds - sum(phases.values())
+    return {"seconds": seconds, "cpu_seconds": cpu, unit: work, f"{unit}_per_second": work / seconds,
+            "train_seconds": end - t_train, "phases": phases}
+
+
+def user_trl_args(algorithm: str, shape: dict[str, int], w: dict[str, int], out: Path) -> Any:
+    """The TRL config of ``algorithm``'s counterpart, the zoo side's settings (``user_zoo_options``)."""
+    import trl
+
+    P, R = shape["prompt_tokens"], shape["response_tokens"]
+    steps = math.ceil(w["pairs"] / w["batch"])
+    common = dict(output_dir=str(out), learning_rate=USER_LR, weight_decay=0.0, max_grad_norm=1.0, bf16=False,
+                  use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no", logging_steps=10**9,
+                  disable_tqdm=True, dataloader_num_workers=0, seed=0, warmup_steps=0)
+    if algorithm == "dpo":
+        return trl.DPOConfig(**_config_kwargs(
+            trl.DPOConfig, **common, per_device_train_batch_size=w["batch"], num_train_epochs=1,
+            lr_scheduler_type="linear", beta=USER_BETA, loss_type=["sigmoid"], max_length=P + R,
+            precompute_ref_log_probs=True, precompute_ref_batch_size=w["batch"]))
+    if algorithm == "sft":
+        return trl.SFTConfig(**_config_kwargs(trl.SFTConfig, **common, per_device_train_batch_size=w["batch"],
+                                              max_steps=steps, max_length=P + R, packing=False,
+                                              completion_only_loss=True))
+    if algorithm == "reward-model":
+        return trl.RewardConfig(**_config_kwargs(trl.RewardConfig, **common, per_device_train_batch_size=w["batch"],
+                                                 max_steps=steps, max_length=P + R, center_rewards_coefficient=None))
+    epochs, minibatches = (1, 1) if algorithm == "rloo" else (2, 2)
+    cls = trl.RLOOConfig if algorithm == "rloo" else trl.GRPOConfig
+    extra = {"loss_type": "grpo", "scale_rewards": "group"} if algorithm == "grpo" else {}
+    return cls(**_config_kwargs(
+        cls, **common, per_device_train_batch_size=w["prompts"] * w["k"] // minibatches,
+        steps_per_generation=minibatches, num_generations=w["k"], num_iterations=epochs,
+        max_steps=w["iterations"] * minibatches * epochs, lr_scheduler_type="constant", epsilon=0.2, beta=USER_BETA,
+        max_completion_length=R, temperature=1.0, top_p=1.0, top_k=0, **extra))
+
+
+def trl_user(algorithm: str, paths: dict[str, Path], shape: dict[str, int], w: dict[str, int], out: Path,
+             train: bool = True) -> tuple[dict[str, Any], Any]:
+    """TRL's counterpart of ``algorithm`` on the same model dirs and data; models load outside the timer,
+    as the zoo's make_context loads them outside its own. ``train=False``: only build the trainer (its
+    tokenised dataset, for the identity checks)."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+
+    start, cpu = time.perf_counter(), time.process_time()
+    tok = AutoTokenizer.from_pretrained(paths["policy"])
+    args = user_trl_args(algorithm, shape, w, out)
+    if not train and algorithm == "dpo":
+        args.precompute_ref_log_probs = False
+    if algorithm == "reward-model":
+        model = AutoModelForSequenceClassification.from_pretrained(paths["policy"], num_labels=1)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    extra: dict[str, Any] = {}
+    if algorithm == "dpo":
+        extra["ref_model"] = AutoModelForCausalLM.from_pretrained(paths["policy"]).requires_grad_(False)
+    if algorithm in ("rloo", "grpo"):
+        extra["reward_funcs"] = AutoModelForSequenceClassification.from_pretrained(paths["rm"]).requires_grad_(False)
+        extra["reward_processing_classes"] = tok
+    t_data = time.perf_counter()
+    if algorithm in ("dpo", "reward-model"):
+        rows = _read_jsonl(paths["prefs"], w["pairs"])
+        data = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")})
+    elif algorithm == "sft":
+        rows = _read_jsonl(paths["demos"], w["pairs"])
+        data = Dataset.from_dict({k: [r[k] for r in rows] for k in ("prompt", "completion")})
+    else:
+        data = Dataset.from_dict({"prompt": [r["prompt"] for r in _read_jsonl(paths["prompts"])]})
+    cls = {"dpo": trl.DPOTrainer, "sft": trl.SFTTrainer, "reward-model": trl.RewardTrainer, "rloo": trl.RLOOTrainer,
+           "grpo": trl.GRPOTrainer}[algorithm]
+    trainer = cls(model=model, args=args, train_dataset=data, processing_class=tok, **extra)
+    trainer.remove_callback(PrinterCallback)
+    if not train:
+        return {}, trainer
+    rollout = Timer()
+    if hasattr(trainer, "_generate_and_score_completions"):
+        trainer._generate_and_score_completions = rollout.wrap(trainer._generate_and_score_completions)
+    t_init = time.perf_counter()
+    with _silence():
+        trainer.train()
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    seconds = end - start
+    unit, work = user_units(algorithm, shape, w)
+    phases = {"setup (load models)": t_data - start,
+              "data and trainer init (tokenise; RLOO/GRPO: reference model)": t_init - t_data}
+    if rollout.calls:
+        phases["rollout (generate, old+ref logprobs, reward)"] = rollout.seconds
+    phases["train (DPO: reference log-probs first)" if algorithm == "dpo" else "train"] = end - t_init - rollout.seconds
+    if algorithm in ("rloo", "grpo"):
+        samples = rollout.calls * args.generation_batch_size
+        if samples != work:
+            raise RuntimeError(f"TRL {cls.__name__} generated {samples} samples, expected {work}")
+    return ({"seconds": seconds, "cpu_seconds": cpu, unit: work, f"{unit}_per_second": work / seconds,
+             "train_seconds": end - t_init, "optimizer_steps": trainer.state.global_step, "phases": phases}, trainer)
+
+
+def user_token_checks(paths: dict[str, Path], shape: dict[str, int], w: dict[str, int], out: Path) -> dict[str, Any]:
+    """TRL's tokenised rows against the zoo's encoding of the same rows (``World.prompt_token_ids`` and
+    ``response_token_ids`` of the user setup: prompt as the tokenizer writes it, BOS only where it adds
+    one; response + EOS), for DPO (prompt / chosen / rejected), the reward model (prompt + chosen,
+    prompt + rejected) and SFT (prompt + completion, loss mask on the completion)."""
+    from rlhf_zoo.user_setup import UserSetup
+
+    world = UserSetup.from_sources(str(paths["policy"]))
+    prefs, demos = _read_jsonl(paths["prefs"], w["pairs"]), _read_jsonl(paths["demos"], w["pairs"])
+    out_checks: dict[str, Any] = {}
+    P = world.prompt_token_ids([r["prompt"] for r in prefs])
+    C = world.response_token_ids([r["chosen"] for r in prefs])
+    X = world.response_token_ids([r["rejected"] for r in prefs])
+    _, dpo = trl_user("dpo", paths, shape, w, out / "check-dpo", train=False)
+    ds = dpo.train_dataset
+    same = sum((P[i], C[i], X[i]) == (list(ds["prompt_ids"][i]), list(ds["chosen_ids"][i]), list(ds["rejected_ids"][i]))
+               for i in range(len(prefs)))
+    out_checks["dpo"] = {"rows": len(prefs), "rows_identical": same, "trl_rows": len(ds)}
+    _, rm = trl_user("reward-model", paths, shape, w, out / "check-rm", train=False)
+    ds = rm.train_dataset
+    same = sum((P[i] + C[i], P[i] + X[i]) == (list(ds["chosen_ids"][i]), list(ds["rejected_ids"][i]))
+               for i in range(len(prefs)))
+    out_checks["reward-model"] = {"rows": len(prefs), "rows_identical": same, "trl_rows": len(ds)}
+    SP = world.prompt_token_ids([r["prompt"] for r in demos])
+    SC = world.response_token_ids([r["completion"] for r in demos])
+    _, sft = trl_user("sft", paths, shape, w, out / "check-sft", train=False)
+    ds = sft.train_dataset
+    if "completion_mask" in ds.column_names:
+        masks = [list(m) for m in ds["completion_mask"]]
+    else:  # folded into the labels: -100 where no loss is taken
+        masks = [[int(x != -100) for x in row] for row in ds["labels"]]
+    same = sum((SP[i] + SC[i], [0] * len(SP[i]) + [1] * len(SC[i])) == (list(ds["input_ids"][i]), masks[i])
+               for i in range(len(demos)))
+    out_checks["sft"] = {"rows": len(demos), "rows_identical": same, "trl_rows": len(ds)}
+    lengths = {"prompt_tokens": sorted({len(p) for p in P}), "response_tokens_with_eos": sorted({len(c) for c in C + X})}
+    out_checks["lengths"] = lengths
+    return out_checks
+
+
+def run_user_comparisons(args: argparse.Namespace, shape_name: str, trl: Any, tmp: Path) -> dict[str, Any]:
+    """Build the shape's model and data, check tokenisation, then for every algorithm zoo and TRL
+    interleaved (one warm-up round, ``reps`` counted), throughput and peak memory per repetition."""
+    shape, w = dict(USER_SHAPES[shape_name]), dict(USER_WORK[shape_name])
+    if args.user_reps is not None:
+        w["reps"] = args.user_reps
+    algorithms = [a for a in (args.algorithms or USER_ALGORITHMS) if a in USER_ALGORITHMS]
+    print(f"user-model path, shape {shape_name}: building {shape}", flush=True)
+    where = args.setup_dir or tmp / f"user-{shape_name}"
+    built = build_user_setup(where, shape)
+    paths = built["paths"]
+    section_dir = where
+    section: dict[str, Any] = {"shape": shape, "work": w, "parameters": built["parameters"],
+                               "vocab_size": built["vocab_size"], "build_seconds": built["seconds"],
+                               "tokenizer_train_seconds": built["tokenizer_seconds"], "algorithms": {},
+                               "setup_dir": section_dir}
+    if trl is not None:
+        section["checks"] = user_token_checks(paths, shape, w, tmp / "checks")
+        print(f"  checks: {section['checks']}", flush=True)
+    for algo in algorithms:
+        unit, _ = user_units(algo, shape, w)
+        key = f"{unit}_per_second"
+        fns: dict[str, Callable[[int], dict[str, Any]]] = {
+            "zoo": lambda rep, a=algo: with_peak_memory(lambda: zoo_user(a, paths, shape, w, tmp / f"zoo-{a}-{rep}"))}
+        if trl is not None:
+            fns["trl"] = lambda rep, a=algo: with_peak_memory(
+                lambda: trl_user(a, paths, shape, w, tmp / f"trl-{a}-{rep}")[0])
+        print(f"  {algo}: {unit} per repetition {user_units(algo, shape, w)[1]:.0f}, load {_load()}", flush=True)
+        runs = _interleave(list(fns), fns, w["reps"])
+        r: dict[str, Any] = {name: _summarise(side, key) for name, side in runs.items()}
+        r["unit"] = key
+        r["counterpart"] = TRL_COUNTERPART[algo]
+        r["load_average"] = _load()
+        for name in r:
+            if isinstance(r[name], dict) and "median_peak_rss_mb" not in r[name] and name in runs:
+                r[name]["median_peak_rss_mb"] = _median([x["peak_rss_mb"] for x in runs[name]["reps"]])
+        if "trl" in r:
+            r["ratio_zoo_vs_trl"] = r["zoo"][f"median_{key}"] / r["trl"][f"median_{key}"]
+            r["ratio_zoo_vs_trl_cpu_time"] = r["trl"]["median_cpu_seconds"] / r["zoo"]["median_cpu_seconds"]
+            r["ratio_per_rep"] = [z / t for z, t in zip(r["zoo"][key], r["trl"][key], strict=True)]
+            r["memory_ratio_zoo_vs_trl"] = r["zoo"]["median_peak_rss_mb"] / r["trl"]["median_peak_rss_mb"]
+        section["algorithms"][algo] = r
+    return section
+
+
+# --- 5. ppo vs TRL's last PPOTrainer (its own virtual environment) -------------------------------------
+#: samples per rollout, rollouts per run, counted repetitions (4 epochs x 4 minibatches on both sides)
+PPO_USER_WORK: dict[str, dict[str, int]] = {"realistic": {"samples": 8, "iterations": 1, "reps": 2},
+                                            "tiny": {"samples": 64, "iterations": 2, "reps": 3},
+                                            "mini": {"samples": 4, "iterations": 1, "reps": 1}}
+
+
+def zoo_ppo_user(paths: dict[str, Path], shape: dict[str, int], w: dict[str, int], out: Path) -> dict[str, Any]:
+    start, cpu = time.perf_counter(), time.process_time()
+    ctx = _user_context("ppo", paths, out, {
+        "iterations": w["iterations"], "batch_prompts": w["samples"], "epochs": PPO_EPOCHS, "minibatches": PPO_MINIBATCHES,
+        "learning_rate": USER_LR, "critic_learning_rate": USER_LR, "beta": USER_BETA, "clip": 0.2, "value_clip": 0.2,
+        "max_new_tokens": shape["response_tokens"]}, online=True)
+    t_train = time.perf_counter()
+    ctx.algorithm.train(ctx, ctx.config)
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    samples = w["iterations"] * w["samples"]
+    phases = {"setup (make_context: models, reward, prompts)": t_train - start, **ctx.phase_seconds}
+    phases["other (critic load, env, data, bookkeeping)"] = end - start - sum(phases.values())
+    return {"seconds": end - start, "cpu_seconds": cpu, "samples": samples, "samples_per_second": samples / (end - start),
+            "train_seconds": end - t_train, "phases": phases}
+
+
+def trl_ppo_user(paths: dict[str, Path], shape: dict[str, int], w: dict[str, int], out: Path) -> dict[str, Any]:
+    """TRL's PPOTrainer (trl.experimental.ppo, trl <= 1.12): policy and reference from the policy dir,
+    reward model and value model (critic) from the RM dir, as the zoo's critic starts from an RM that reads
+    the policy's tokens; the prompts tokenised as the zoo does (no special tokens added by this tokenizer)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PrinterCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    start, cpu = time.perf_counter(), time.process_time()
+    tok = AutoTokenizer.from_pretrained(paths["policy"])
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    ref = AutoModelForCausalLM.from_pretrained(paths["policy"]).requires_grad_(False)
+    reward = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1).requires_grad_(False)
+    value = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1)
+    prompts = [r["prompt"] for r in _read_jsonl(paths["prompts"])]
+    data = Dataset.from_dict({"input_ids": tok(prompts, add_special_tokens=False)["input_ids"]})
+    args = PPOConfig(**_config_kwargs(
+        PPOConfig, output_dir=str(out), per_device_train_batch_size=w["samples"],  # the rollout; minibatches of it
+        gradient_accumulation_steps=1, num_mini_batches=PPO_MINIBATCHES, num_ppo_epochs=PPO_EPOCHS,
+        total_episodes=w["samples"] * w["iterations"], response_length=shape["response_tokens"], temperature=1.0,
+        kl_coef=USER_BETA, cliprange=0.2, cliprange_value=0.2, learning_rate=USER_LR,
+        local_rollout_forward_batch_size=w["samples"], num_sample_generations=0, stop_token="eos",
+        bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0))
+    t_init = time.perf_counter()
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=data)
+    trainer.remove_callback(PrinterCallback)
+    t_train = time.perf_counter()
+    with _silence():
+        trainer.train()
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    samples = w["iterations"] * w["samples"]
+    return {"seconds": end - start, "cpu_seconds": cpu, "samples": samples, "samples_per_second": samples / (end - start),
+            "train_seconds": end - t_train,
+            "phases": {"setup (load models, tokenise prompts)": t_init - start, "trainer init": t_train - t_init,
+                       "train (rollout + 4 x 4 policy and value steps)": end - t_train}}
+
+
+def ppo_child(args: argparse.Namespace) -> None:
+    """One ppo repetition in this (fresh) process, written as JSON to --child-out."""
+    torch.set_num_threads(args.threads)
+    _quiet()
+    shape_name = "mini" if args.quick else args.shape
+    shape, w = USER_SHAPES[shape_name], PPO_USER_WORK[shape_name]
+    d = args.setup_dir
+    paths = {"policy": d / "policy", "rm": d / "rm", "prompts": d / "prompts.jsonl"}
+    out = Path(tempfile.mkdtemp(prefix=f"ppo-{args.ppo_child}-"))
+    # imports outside the timer on both sides (TRL's trl_ppo_user imports before its clock starts)
+    if args.ppo_child == "zoo":
+        import gymnasium  # noqa: F401
+
+        import rlhf_zoo.runner  # noqa: F401
+        from rlhf_zoo.registry import get_registry
+
+        get_registry().algorithm("ppo").config_cls()
+    else:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        import trl.experimental.ppo  # noqa: F401
+    try:
+        fn = zoo_ppo_user if args.ppo_child == "zoo" else trl_ppo_user
+        r = with_peak_memory(lambda: fn(paths, shape, w, out))
+        if args.ppo_child == "trl":
+            import trl
+            r["trl_version"] = trl.__version__
+        import transformers
+        r["torch_version"], r["transformers_version"] = torch.__version__, transformers.__version__
+    finally:
+        shutil.rmtree(out, True)
+    args.child_out.write_text(json.dumps(r))
+
+
+def run_ppo(args: argparse.Namespace, setup_dir: Path) -> dict[str, Any]:
+    """zoo ppo (this interpreter) and TRL's PPOTrainer (--trl-ppo-python, another virtual environment),
+    each repetition a fresh process, interleaved, one warm-up round."""
+    shape_name = "mini" if args.quick else args.shape
+    w = PPO_USER_WORK[shape_name]
+    pythons = {"zoo": sys.executable}
+    if args.trl_ppo_python:
+        pythons["trl"] = str(args.trl_ppo_python)
+    base = [__file__, "--shape", args.shape, "--threads", str(args.threads), "--setup-dir", str(setup_dir)]
+    if args.quick:
+        base.append("--quick")
+    out: dict[str, Any] = {n: {"warmup": None, "reps": []} for n in pythons}
+    errors: dict[str, str] = {}
+    for rep in range(w["reps"] + 1):
+        for side, python in pythons.items():
+            if side in errors:
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+                child_out = Path(f.name)
+            proc = subprocess.run([python, *base, "--ppo-child", side, "--child-out", str(child_out)],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            if proc.returncode:
+                errors[side] = (proc.stdout + proc.stderr)[-2000:]
+                print(f"  ppo {side} failed:\n{errors[side]}", flush=True)
+                continue
+            r = json.loads(child_out.read_text())
+            child_out.unlink()
+            out[side]["warmup" if rep == 0 else "reps"] = r if rep == 0 else [*out[side]["reps"], r]
+            print(f"  {'warm-up' if rep == 0 else f'rep {rep}'} ppo {side}: {r['seconds']:.2f} s, "
+                  f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+    res: dict[str, Any] = {"work": w, "pythons": pythons, "errors": errors, "load_average": _load()}
+    for side in pythons:
+        if out[side]["reps"]:
+            res[side] = _summarise(out[side], "samples_per_second")
+            res[side]["versions"] = {k: out[side]["reps"][0].get(k) for k in ("trl_version", "torch_version",
+                                                                               "transformers_version")}
+    if "trl" in res and "zoo" in res:
+        res["ratio_zoo_vs_trl"] = res["zoo"]["median_samples_per_second"] / res["trl"]["median_samples_per_second"]
+        res["ratio_zoo_vs_trl_cpu_time"] = res["trl"]["median_cpu_seconds"] / res["zoo"]["median_cpu_seconds"]
+        res["ratio_per_rep"] = [z / t for z, t in zip(res["zoo"]["samples_per_second"], res["trl"]["samples_per_second"],
+                                                      strict=True)]
+        res["memory_ratio_zoo_vs_trl"] = res["zoo"]["median_peak_rss_mb"] / res["trl"]["median_peak_rss_mb"]
+    return res
+
+
 # --- driver --------------------------------------------------------------------------------------------
 def _interleave(names: list[str], fns: dict[str, Callable[[int], dict[str, Any]]], reps: int) -> dict[str, Any]:
     """Run fns round-robin reps + 1 times; round 0 is the warm-up. -> {name: {"warmup": r0, "reps": [...]}}"""
@@ -547,9 +1084,47 @@ def _summarise(side: dict[str, Any], key: str) -> dict[str, Any]:
     return out
 
 
+def _header(args: argparse.Namespace, settings: dict[str, Any], trl: Any, skipped: str | None) -> dict[str, Any]:
+    return {"benchmark": "speed_vs_trl", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "shape": args.shape, "machine": _machine(), "versions": _versions(), "git_commit": _git_commit(),
+            "settings": settings, "trl": {"available": trl is not None, "skipped_reason": skipped},
+            "targets": {"throughput_ratio_min": TARGET_THROUGHPUT_RATIO, "env_ratio_max": TARGET_ENV_RATIO,
+                        "realistic_throughput_ratio_min": TARGET_REALISTIC_RATIO,
+                        "realistic_peak_memory": "<= TRL's"}}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The sentiment-task sections (tiny shape, unless --user-only), then every trainer through the
+    user-model path at the shape's size (unless --no-user; --quick: the test's mini shape)."""
     torch.set_num_threads(args.threads)
     _quiet()
+    trl, skipped = (None, "--no-trl given") if args.no_trl else _import_trl()
+    if args.shape == "tiny" and not args.user_only:
+        result = run_task_sections(args, trl, skipped)
+    else:
+        if skipped:
+            print(f"TRL sides skipped: {skipped}", flush=True)
+        result = _header(args, {"threads": args.threads, "quick": args.quick}, trl, skipped)
+    if not args.no_user:
+        tmp = Path(tempfile.mkdtemp(prefix="speed_vs_trl-user-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        shape = "mini" if args.quick else args.shape
+        result["user"] = run_user_comparisons(args, shape, trl, tmp)
+        if "ppo" in (args.algorithms or ["ppo"]):
+            print(f"ppo: zoo vs {args.trl_ppo_python or '(no --trl-ppo-python: zoo side only)'}", flush=True)
+            result["ppo"] = run_ppo(args, result["user"]["setup_dir"])
+        for r in result["user"]["algorithms"].values():
+            ratio = r.get("ratio_zoo_vs_trl")
+            target = TARGET_REALISTIC_RATIO if shape == "realistic" else 2.0
+            r["target"] = target
+            r["meets_target"] = None if ratio is None else bool(ratio >= target)
+            if shape == "realistic" and ratio is not None:
+                r["meets_memory_target"] = bool(r["memory_ratio_zoo_vs_trl"] <= 1.0)
+    result["machine"]["load_average_at_end"] = _load()
+    return result
+
+
+def run_task_sections(args: argparse.Namespace, trl: Any, skipped: str | None) -> dict[str, Any]:
     from rlhf_zoo.registry import get_registry
 
     s = dict(QUICK if args.quick else DEFAULTS)
@@ -571,15 +1146,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "ppo_learning_rate": ppo_defaults.learning_rate, "beta": float(task.beta),
               "max_new_tokens": int(task.max_new_tokens), "ppo_epochs": PPO_EPOCHS,
               "ppo_minibatches": PPO_MINIBATCHES})
-    trl, skipped = (None, "--no-trl given") if args.no_trl else _import_trl()
     if skipped:
         print(f"TRL sides skipped: {skipped}", flush=True)
-    result: dict[str, Any] = {
-        "benchmark": "speed_vs_trl", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "machine": _machine(), "versions": _versions(), "git_commit": _git_commit(), "settings": s,
-        "trl": {"available": trl is not None, "skipped_reason": skipped},
-        "targets": {"throughput_ratio_min": TARGET_THROUGHPUT_RATIO, "env_ratio_max": TARGET_ENV_RATIO},
-    }
+    result = _header(args, s, trl, skipped)
     tmp = Path(tempfile.mkdtemp(prefix="speed_vs_trl-"))  # run directories of both sides, removed at exit
     atexit.register(shutil.rmtree, tmp, True)
 
@@ -703,6 +1272,120 @@ def spread(section: dict[str, Any]) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
+    """The task sections' report (tiny shape) and/or the user-model comparisons'."""
+    text = markdown_task(r) if "dpo" in r else markdown_header(r)
+    if "user" in r:
+        text += "\n" + markdown_user(r)
+    if "ppo" in r:
+        text += "\n" + markdown_ppo(r)
+    return text
+
+
+def markdown_header(r: dict[str, Any]) -> str:
+    m, v = r["machine"], r["versions"]
+    shape = "mini (--quick)" if r["settings"].get("quick") else r.get("shape", "tiny")
+    lines = [f"# Speed: rlhf_zoo vs TRL, {shape} shape", "",
+             f"`{r['command']}` (written by benchmarks/speed_vs_trl.py; its docstring says exactly what is timed).", "",
+             f"Machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs ({m['usable_cpus']} usable), torch "
+             f"threads {m['torch_threads']} for every side (OMP_NUM_THREADS={m['OMP_NUM_THREADS']}), CPU fp32; load "
+             f"average (1, 5, 15 min) {m['load_average_at_start']} at the start, {m.get('load_average_at_end')} at "
+             f"the end. Versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, accelerate "
+             f"{v['accelerate']}, datasets {v['datasets']}, rlhf-zoo {v['rlhf-zoo']}, python {v['python']}. "
+             f"Commit {r['git_commit']} (plus uncommitted changes where the tree had them).", ""]
+    if not r["trl"]["available"]:
+        lines += [f"**TRL sides skipped**: {r['trl']['skipped_reason']}", ""]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_user(r: dict[str, Any]) -> str:
+    u = r["user"]
+    sh, w = u["shape"], u["work"]
+    steps = math.ceil(w["pairs"] / w["batch"])
+    lines = [
+        f"## Every trainer through the user-model path ({r.get('shape', 'tiny')} shape)", "",
+        f"Built from config in-process (`build_user_setup`, {u['build_seconds']:.0f} s): a byte-level BPE tokenizer "
+        f"of {u['vocab_size']} tokens trained on generated text ({u['tokenizer_train_seconds']:.0f} s), a Qwen2 causal "
+        f"LM of {sh['layers']} layers x {sh['hidden']} ({u['parameters'] / 1e6:.1f}M parameters, random weights), a "
+        f"reward model of the same architecture (AutoModelForSequenceClassification, one label); prompts of "
+        f"{sh['prompt_tokens']} tokens, responses of {sh['response_tokens']} (EOS included; sampled ones: up to "
+        f"{sh['response_tokens']}). Both sides read the same model directories and JSONL files "
+        "(`zoo`: make_context with `--model`/`--reward`/`--prompts`/`--dataset`, then the plugin's train; TRL: "
+        "from_pretrained, a datasets.Dataset of the same rows, the trainer and `train()`), timed end to end from "
+        "the files to a trained model.",
+        "",
+        f"Work per repetition: dpo {w['pairs']} pairs, batch {w['batch']}, 1 epoch (reference log-probs precomputed "
+        f"on both sides); sft and reward-model {steps} steps of {w['batch']} rows/pairs; rloo {w['iterations']} "
+        f"iteration(s) of {w['prompts']} prompts x {w['k']} samples, 1 epoch x 1 minibatch; grpo the same rollouts, "
+        f"2 epochs x 2 minibatches; beta {USER_BETA}, learning rate {USER_LR}, clip 0.2, grad-norm clip 1. Medians "
+        f"over {w['reps']} interleaved repetitions (zoo, TRL, zoo, TRL, ...) after one warm-up round. Peak memory: "
+        "the repetition's peak resident set (VmHWM, reset before it) above the resident set just before it "
+        "(freed heap returned first), i.e. models, data, activations and optimiser state of that run.",
+        "",
+        "| zoo | TRL | unit | zoo | TRL | ratio | per-pair spread | ratio on CPU time | target | met | peak MB zoo | "
+        "peak MB TRL | memory <= TRL | load during it |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for algo, a in u["algorithms"].items():
+        key = a["unit"]
+        zoo, trl = a["zoo"], a.get("trl", {})
+        mem_met = a.get("meets_memory_target")
+        lines.append(
+            f"| `{algo}` | `{a['counterpart']}` | {key.replace('_', ' ')} | {_fmt(zoo[f'median_{key}'], 2)} | "
+            f"{_fmt(trl.get(f'median_{key}'), 2)} | {_fmt(a.get('ratio_zoo_vs_trl'), 2)} | {spread(a)} | "
+            f"{_fmt(a.get('ratio_zoo_vs_trl_cpu_time'), 2)} | >= {a.get('target', 'n/a')} | "
+            f"{'n/a' if a.get('meets_target') is None else ('yes' if a['meets_target'] else '**no**')} | "
+            f"{_fmt(zoo.get('median_peak_rss_mb'), 0)} | {_fmt(trl.get('median_peak_rss_mb'), 0)} | "
+            f"{'n/a' if mem_met is None else ('yes' if mem_met else '**no**')} | {a.get('load_average')} |")
+    lines += ["", "### Where the time goes (median seconds per repetition)", ""]
+    for algo, a in u["algorithms"].items():
+        for side in ("zoo", "trl"):
+            if side in a:
+                ph = ", ".join(f"{k} {x:.2f}" for k, x in a[side]["median_phase_seconds"].items())
+                lines.append(f"- {algo}, {side}: total {a[side]['median_seconds']:.2f} s: {ph}")
+    if "checks" in u:
+        c = u["checks"]
+        lines += ["", "### Checks", "",
+                  "- Identical tokenisation (TRL's tokenised dataset rows against the zoo's encoding of the same rows): "
+                  + ", ".join(f"{k} {v['rows_identical']} of {v['rows']} rows" for k, v in c.items() if k != "lengths")
+                  + f"; prompt lengths {c['lengths']['prompt_tokens']}, response lengths with EOS "
+                  f"{c['lengths']['response_tokens_with_eos']} tokens."]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_ppo(r: dict[str, Any]) -> str:
+    p = r["ppo"]
+    w = p["work"]
+    trl_v = p.get("trl", {}).get("versions", {})
+    lines = ["## `ppo` vs TRL's PPOTrainer (user-model path, same shape)", "",
+             "TRL 1.16 has no PPO trainer; `trl.experimental.ppo.PPOTrainer` was last shipped in trl 1.12 (1.13.0, "
+             "1.14.0 and 1.15.0 lack it; 0.21-0.24 had it as `trl.PPOTrainer`). It runs from its own virtual "
+             f"environment (`{p['pythons'].get('trl', 'not given')}`: trl {trl_v.get('trl_version')}, torch "
+             f"{trl_v.get('torch_version')}, transformers {trl_v.get('transformers_version')}), so each repetition of "
+             "either side is a fresh process (imports outside the timer), interleaved, one warm-up round. Both: "
+             f"{w['iterations']} rollout(s) of {w['samples']} prompts x 1 sample, {PPO_EPOCHS} epochs x "
+             f"{PPO_MINIBATCHES} minibatches of policy and value steps, critic (value model) initialised from the "
+             f"reward model, KL coefficient {USER_BETA} in the reward, clip 0.2, value clip 0.2, lr {USER_LR}.", ""]
+    if p.get("errors"):
+        lines += [f"- {side} failed: `{err.strip().splitlines()[-1] if err.strip() else '?'}`"
+                  for side, err in p["errors"].items()]
+        lines.append("")
+    if "zoo" in p:
+        trl = p.get("trl", {})
+        lines += ["| unit | zoo | TRL | ratio | per-pair spread | ratio on CPU time | peak MB zoo | peak MB TRL | "
+                  "load during it |", "|---|---|---|---|---|---|---|---|---|",
+                  f"| samples/s | {_fmt(p['zoo']['median_samples_per_second'], 2)} | "
+                  f"{_fmt(trl.get('median_samples_per_second'), 2)} | {_fmt(p.get('ratio_zoo_vs_trl'), 2)} | "
+                  f"{spread(p)} | {_fmt(p.get('ratio_zoo_vs_trl_cpu_time'), 2)} | "
+                  f"{_fmt(p['zoo'].get('median_peak_rss_mb'), 0)} | {_fmt(trl.get('median_peak_rss_mb'), 0)} | "
+                  f"{p.get('load_average')} |", ""]
+        for side in ("zoo", "trl"):
+            if side in p:
+                ph = ", ".join(f"{k} {x:.2f}" for k, x in p[side]["median_phase_seconds"].items())
+                lines.append(f"- ppo, {side}: total {p[side]['median_seconds']:.2f} s: {ph}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_task(r: dict[str, Any]) -> str:
     s, m, v = r["settings"], r["machine"], r["versions"]
     dpo, online, env = r["dpo"], r["online"], r["env"]
     has_trl = r["trl"]["available"]
@@ -849,15 +1532,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--env-batch", type=int, help=f"env: rollout batch (default {DEFAULTS['env_batch']})")
     ap.add_argument("--reps", type=int, help=f"counted repetitions, after one warm-up (default {DEFAULTS['reps']})")
     ap.add_argument("--env-reps", type=int, help=f"env repetitions (default {DEFAULTS['env_reps']})")
+    ap.add_argument("--shape", choices=("tiny", "realistic"), default="tiny",
+                    help="tiny: the sentiment task's sections and every trainer on a tiny user model; realistic: "
+                         "every trainer on a ~42M-parameter Qwen2 with a 32k BPE vocabulary (user-model path)")
+    ap.add_argument("--algorithms", type=lambda x: x.split(","), default=None,
+                    help=f"user-model comparisons to run (default all: {','.join(USER_ALGORITHMS)})")
+    ap.add_argument("--user-reps", type=int, default=None, help="counted repetitions of the user-model comparisons")
+    ap.add_argument("--user-only", action="store_true", help="tiny shape: skip the sentiment-task sections")
+    ap.add_argument("--no-user", action="store_true", help="skip the user-model comparisons")
+    ap.add_argument("--setup-dir", type=Path, default=None,
+                    help="build the user-model setup (models, tokenizer, data) here and keep it (default: a temp dir)")
+    ap.add_argument("--trl-ppo-python", type=Path, default=None,
+                    help="python of a virtual environment with a TRL that has PPOTrainer (trl.experimental.ppo, "
+                         "trl <= 1.12): zoo ppo is compared with it, each repetition a fresh process")
+    ap.add_argument("--ppo-child", choices=("zoo", "trl"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown table here (default: --out with .md)")
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
+    if args.ppo_child:
+        ppo_child(args)
+        return None
     result = run(args)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, default=str)
     print(text if args.out is None else f"wrote {args.out}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -114,3 +114,75 @@ def test_side_by_side_with_trl(tmp_path):
     assert online["trl"]["median_samples"] == online["zoo"]["median_samples"]
     assert online["trl"]["median_suppressed_tokens_sampled"] == 0
     assert f"{dpo['ratio_zoo_vs_trl']:.2f}" in md and f"{online['ratio_zoo_vs_trl']:.2f}" in md
+
+
+# --- the user-model path (realistic shape's builder, at the test's mini size) ---------------------------
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_vs_trl_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_user_setup_builder_shapes(tmp_path):
+    """The realistic shape's builder at the mini size: a BPE of the asked size, a Qwen2 policy and a
+    one-label reward model of the same architecture, prompts and responses of exactly the shape's length."""
+    m = _script_module()
+    shape = m.USER_SHAPES["mini"]
+    built = m.build_user_setup(tmp_path / "setup", shape)
+    paths = built["paths"]
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(paths["policy"])
+    assert len(tok) == built["vocab_size"] == shape["vocab_size"]
+    assert tok.bos_token is None and tok.eos_token == m.EOS_TOKEN and tok.pad_token == m.PAD_TOKEN
+    cfg, rm_cfg = AutoConfig.from_pretrained(paths["policy"]), AutoConfig.from_pretrained(paths["rm"])
+    assert cfg.model_type == rm_cfg.model_type == "qwen2" and rm_cfg.num_labels == 1
+    assert (cfg.num_hidden_layers, cfg.hidden_size) == (shape["layers"], shape["hidden"])
+    prefs = m._read_jsonl(paths["prefs"])
+    assert len(prefs) == shape["rows"]
+    for row in prefs:
+        assert len(tok(row["prompt"], add_special_tokens=False)["input_ids"]) == shape["prompt_tokens"]
+        for k in ("chosen", "rejected"):
+            assert len(tok(row[k], add_special_tokens=False)["input_ids"]) == shape["response_tokens"] - 1
+    # the realistic shape is what the issue asks for: ~32k vocabulary, 8 layers x 512, 64 + 64 tokens
+    real = m.USER_SHAPES["realistic"]
+    assert (real["vocab_size"], real["layers"], real["hidden"], real["prompt_tokens"], real["response_tokens"]) == \
+        (32000, 8, 512, 64, 64)
+
+
+def test_user_path_tokenisation_identical_to_trl(tmp_path):
+    pytest.importorskip("trl")
+    m = _script_module()
+    m._quiet()
+    shape, work = m.USER_SHAPES["mini"], m.USER_WORK["mini"]
+    paths = m.build_user_setup(tmp_path / "setup", shape)["paths"]
+    checks = m.user_token_checks(paths, shape, work, tmp_path / "checks")
+    for name in ("dpo", "reward-model", "sft"):
+        assert checks[name]["rows_identical"] == checks[name]["rows"] == checks[name]["trl_rows"] == work["pairs"]
+    assert checks["lengths"] == {"prompt_tokens": [shape["prompt_tokens"]],
+                                 "response_tokens_with_eos": [shape["response_tokens"]]}
+
+
+def test_user_comparisons_quick(tmp_path):
+    """--quick --user-only: every trainer with a TRL counterpart, both sides, at the mini shape."""
+    pytest.importorskip("trl")
+    out = tmp_path / "user.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--user-only", "--threads", "1", "--algorithms",
+                           "dpo,sft,reward-model,rloo,grpo", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    algos = result["user"]["algorithms"]
+    assert set(algos) == {"dpo", "sft", "reward-model", "rloo", "grpo"}
+    for a in algos.values():
+        key = a["unit"]
+        for side in ("zoo", "trl"):
+            check_side(a[side], key)
+            assert math.isfinite(a[side]["median_peak_rss_mb"])
+        assert a["ratio_zoo_vs_trl"] == pytest.approx(a["zoo"][f"median_{key}"] / a["trl"][f"median_{key}"], rel=1e-12)
+    md = out.with_suffix(".md").read_text()
+    assert "`GRPOTrainer`" in md and "`RewardTrainer`" in md and "`SFTTrainer`" in md
