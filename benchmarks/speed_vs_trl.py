@@ -52,8 +52,33 @@ are reported as skipped. After the counted rounds, one extra zoo ``dpo`` and ``p
 plugin's functions timed by name (tokenise, reference, backward, critic, ...) for the "where the time goes"
 breakdown; those runs are not counted.
 
+4. Every trainer with a TRL counterpart, through the user-model path (``zoo run ALGO --model DIR --reward DIR
+   --prompts FILE --dataset FILE``), at the shape's size (``--shape``; `USER_SHAPES`, `USER_WORK`):
+   ``build_user_setup`` writes a byte-level BPE tokenizer trained in-process on generated pseudo-word text
+   (realistic: 32k tokens), a Qwen2 causal LM from config (realistic: 8 layers x 512, ~42M parameters, random
+   weights), a one-label AutoModelForSequenceClassification of the same architecture as the reward model,
+   and JSONL data whose prompts are exactly ``prompt_tokens`` and responses ``response_tokens`` (EOS included)
+   long (realistic: 64 + 64). Pairs: ``dpo`` vs ``DPOTrainer``, ``sft`` vs ``SFTTrainer``, ``reward-model``
+   vs ``RewardTrainer``, ``rloo`` vs ``RLOOTrainer``, ``grpo`` vs ``GRPOTrainer``, each timed end to end
+   from the files on disk to a trained model (zoo: ``make_context`` + the plugin's ``train``; TRL:
+   ``from_pretrained``, the dataset, the trainer, ``train()``), interleaved as above, with each
+   repetition's peak memory (VmHWM after ``/proc/self/clear_refs`` minus the resident set before, freed
+   heap returned first: benchmarks/logprob_memory.py's method) and TRL's tokenised rows checked against the
+   zoo's encoding (``user_token_checks``). The settings each side gets are in ``user_zoo_options`` and
+   ``user_trl_args`` (same batch, steps, epochs x minibatches, beta, clip, learning rate, lengths).
+5. ``ppo`` vs TRL's last ``PPOTrainer`` (``trl.experimental.ppo`` in trl 1.12; 1.13+ lack it), installed in
+   a virtual environment of its own (``--trl-ppo-python``): each repetition of either side is a fresh
+   process (``--ppo-child``), imports outside the timer, interleaved, one warm-up round.
+
+``--shape tiny`` runs sections 1-3 on the sentiment task and 4-5 on a tiny user model; ``--shape
+realistic`` runs 4-5 only. ``--user-only`` / ``--no-user`` pick; ``--merge-into`` adds this run's 4-5 to
+an earlier result (each section says which run, commit and load its figures come from).
+
     OMP_NUM_THREADS=1 python benchmarks/speed_vs_trl.py --threads 1 \\
         --out benchmarks/results/speed_vs_trl.json --md benchmarks/results/speed_vs_trl.md
+    python -m venv /tmp/trl-old && /tmp/trl-old/bin/pip install torch==2.13.0 trl==1.12.0 transformers==5.24.0
+    OMP_NUM_THREADS=1 python benchmarks/speed_vs_trl.py --shape realistic --threads 1 --user-reps 1 \\
+        --trl-ppo-python /tmp/trl-old/bin/python --out benchmarks/results/speed_vs_trl_realistic.json
     python benchmarks/speed_vs_trl.py --quick --out /tmp/speed.json      # tiny configuration (the test's)
 """
 
@@ -546,6 +571,7 @@ TRL_COUNTERPART = {"dpo": "DPOTrainer", "sft": "SFTTrainer", "reward-model": "Re
 USER_BETA, USER_LR = 0.1, 1e-5
 EOS_TOKEN, PAD_TOKEN = "<|im_end|>", "<|endoftext|>"
 TARGET_REALISTIC_RATIO = 1.3
+LOAD_QUIET = 1.5  # a 1-minute load average above this on 2 cores: the figures were measured under load
 
 
 def _lexicon(n: int, rng: Any) -> list[str]:
@@ -817,10 +843,10 @@ def trl_user(algorithm: str, paths: dict[str, Path], shape: dict[str, int], w: d
     seconds = end - start
     unit, work = user_units(algorithm, shape, w)
     phases = {"setup (load models)": t_data - start,
-              "data and trainer init (tokenise; RLOO/GRPO: reference model)": t_init - t_data}
+              "data and trainer init (tokenise; DPO: reference log-probs; RLOO/GRPO: reference model)": t_init - t_data}
     if rollout.calls:
         phases["rollout (generate, old+ref logprobs, reward)"] = rollout.seconds
-    phases["train (DPO: reference log-probs first)" if algorithm == "dpo" else "train"] = end - t_init - rollout.seconds
+    phases["train"] = end - t_init - rollout.seconds
     if algorithm in ("rloo", "grpo"):
         samples = rollout.calls * args.generation_batch_size
         if samples != work:
@@ -883,7 +909,7 @@ def run_user_comparisons(args: argparse.Namespace, shape_name: str, trl: Any, tm
     section: dict[str, Any] = {"shape": shape, "work": w, "parameters": built["parameters"],
                                "vocab_size": built["vocab_size"], "build_seconds": built["seconds"],
                                "tokenizer_train_seconds": built["tokenizer_seconds"], "algorithms": {},
-                               "setup_dir": section_dir}
+                               "setup_dir": section_dir, "shape_name": shape_name}
     if trl is not None:
         section["checks"] = user_token_checks(paths, shape, w, tmp / "checks")
         print(f"  checks: {section['checks']}", flush=True)
@@ -1013,7 +1039,9 @@ def run_ppo(args: argparse.Namespace, setup_dir: Path) -> dict[str, Any]:
     """zoo ppo (this interpreter) and TRL's PPOTrainer (--trl-ppo-python, another virtual environment),
     each repetition a fresh process, interleaved, one warm-up round."""
     shape_name = "mini" if args.quick else args.shape
-    w = PPO_USER_WORK[shape_name]
+    w = dict(PPO_USER_WORK[shape_name])
+    if args.user_reps is not None:
+        w["reps"] = args.user_reps
     pythons = {"zoo": sys.executable}
     if args.trl_ppo_python:
         pythons["trl"] = str(args.trl_ppo_python)
@@ -1110,6 +1138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         atexit.register(shutil.rmtree, tmp, True)
         shape = "mini" if args.quick else args.shape
         result["user"] = run_user_comparisons(args, shape, trl, tmp)
+        result["user"]["run_info"] = {"command": result["command"], "git_commit": _git_commit(),
+                                      "versions": _versions(), "load_average_at_start": result["machine"]["load_average_at_start"]}
         if "ppo" in (args.algorithms or ["ppo"]):
             print(f"ppo: zoo vs {args.trl_ppo_python or '(no --trl-ppo-python: zoo side only)'}", flush=True)
             result["ppo"] = run_ppo(args, result["user"]["setup_dir"])
@@ -1301,8 +1331,26 @@ def markdown_user(r: dict[str, Any]) -> str:
     u = r["user"]
     sh, w = u["shape"], u["work"]
     steps = math.ceil(w["pairs"] / w["batch"])
+    info = u.get("run_info", {})
+    run_line = []
+    if info and info.get("command") != r.get("command"):  # merged into an earlier result: say where these came from
+        iv = info.get("versions", {})
+        run_line = [f"These figures (and the ppo section's) come from a later run: `{info.get('command')}`, commit "
+                    f"{info.get('git_commit')} plus uncommitted changes, torch {iv.get('torch')}, transformers "
+                    f"{iv.get('transformers')}, trl {iv.get('trl')}; load average at its start "
+                    f"{info.get('load_average_at_start')}, at its end "
+                    f"{info.get('machine', {}).get('load_average_at_end')}.", ""]
+    loads = [a.get("load_average") for a in u["algorithms"].values() if a.get("load_average")]
+    busy = max((x[0] for x in loads), default=0.0) > LOAD_QUIET
     lines = [
-        f"## Every trainer through the user-model path ({r.get('shape', 'tiny')} shape)", "",
+        f"## Every trainer through the user-model path ({u.get('shape_name', r.get('shape', 'tiny'))} shape)", "",
+        *run_line,
+        *([f"**Measured under load**: the 1-minute load average was above {LOAD_QUIET} on this 2-core machine "
+           "during these comparisons (other benchmarks and a CI run shared it; the last column says how busy). "
+           "Wall-clock ratios are less reliable than on a quiet machine; the CPU-time ratios, which other "
+           "processes inflate less, are beside them.", ""] if busy else []),
+        *([f"**One counted repetition** per side (after a warm-up): the medians are that repetition and the "
+           "spread is one pair.", ""] if w["reps"] == 1 else []),
         f"Built from config in-process (`build_user_setup`, {u['build_seconds']:.0f} s): a byte-level BPE tokenizer "
         f"of {u['vocab_size']} tokens trained on generated text ({u['tokenizer_train_seconds']:.0f} s), a Qwen2 causal "
         f"LM of {sh['layers']} layers x {sh['hidden']} ({u['parameters'] / 1e6:.1f}M parameters, random weights), a "
@@ -1365,6 +1413,11 @@ def markdown_ppo(r: dict[str, Any]) -> str:
              f"{w['iterations']} rollout(s) of {w['samples']} prompts x 1 sample, {PPO_EPOCHS} epochs x "
              f"{PPO_MINIBATCHES} minibatches of policy and value steps, critic (value model) initialised from the "
              f"reward model, KL coefficient {USER_BETA} in the reward, clip 0.2, value clip 0.2, lr {USER_LR}.", ""]
+    if (p.get("load_average") or [0.0])[0] > LOAD_QUIET:
+        lines += [f"**Measured under load** (1-minute load average {p['load_average'][0]} at the end, above "
+                  f"{LOAD_QUIET}).", ""]
+    if w["reps"] == 1:
+        lines += ["**One counted repetition** per side (after a warm-up).", ""]
     if p.get("errors"):
         lines += [f"- {side} failed: `{err.strip().splitlines()[-1] if err.strip() else '?'}`"
                   for side, err in p["errors"].items()]
@@ -1547,6 +1600,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "trl <= 1.12): zoo ppo is compared with it, each repetition a fresh process")
     ap.add_argument("--ppo-child", choices=("zoo", "trl"), default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--merge-into", type=Path, default=None,
+                    help="an earlier result JSON: write it with this run's user-model and ppo sections added")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     ap.add_argument("--md", type=Path, default=None, help="write the Markdown table here (default: --out with .md)")
     return ap.parse_args(argv)
@@ -1558,6 +1613,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         ppo_child(args)
         return None
     result = run(args)
+    if args.merge_into:  # the new sections into an earlier result (its own figures, commit and machine kept)
+        base = json.loads(args.merge_into.read_text())
+        for key in ("user", "ppo"):
+            if key in result:
+                base[key] = result[key]
+        if "user" in base:
+            base["user"]["run_info"]["machine"] = result["machine"]
+        result = base
     text = json.dumps(result, indent=2, default=str)
     print(text if args.out is None else f"wrote {args.out}")
     if args.out:

@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_vs_trl.py"
 def run_script(tmp_path: Path, *extra: str, env_extra: dict[str, str] | None = None) -> tuple[dict, str]:
     out = tmp_path / "speed.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out", str(out), *extra],
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--no-user", "--threads", "1", "--out", str(out), *extra],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), out.with_suffix(".md").read_text()
