@@ -169,7 +169,7 @@ def read_rows(path: str | Path, option: str = "") -> list[tuple[int, Any]]:
         hub_id, _, split = given.partition("@")
         if _hub_like(hub_id):
             return _numbered(_read_hub(hub_id, split or "train", option))
-        raise DataError(f"{option + ' ' if option else ''}dataset {given!r} does not exist (not a file or directory, "
+        raise DataError(f"{option or 'dataset'} {given!r} does not exist (not a file or directory, "
                         "nor a Hugging Face Hub dataset id such as org/name[@split])")
     suffix = path.suffix.lower()
     if path.is_dir():

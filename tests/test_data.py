@@ -522,7 +522,7 @@ def test_cli_dpo_drop_runs_and_reports_the_count(cli, capsys, caplog):
     (["--long-rows", "cut"], ["'--long-rows'", "'cut'", "truncate"]),
     (["--max-drop-fraction", "lots"], ["'--max-drop-fraction'", "'lots'", "float"]),
     (["--max-drop-fraction", "2"], ["max_drop_fraction must be in [0.0, 1.0], got 2.0"]),
-    (["--dataset", "absent.jsonl"], ["dataset 'absent.jsonl' does not exist"]),
+    (["--dataset", "absent.jsonl"], ["--dataset 'absent.jsonl' does not exist"]),
     (["--dataset", "."], ["dataset directory .: not a dataset saved by datasets' save_to_disk"]),
 ])
 def test_cli_bad_dataset_options_are_one_line(cli, capsys, args, expected):
