@@ -809,14 +809,14 @@ def trl_user(algorithm: str, paths: dict[str, Path], shape: dict[str, int], w: d
     if not train and algorithm == "dpo":
         args.precompute_ref_log_probs = False
     if algorithm == "reward-model":
-        model = AutoModelForSequenceClassification.from_pretrained(paths["policy"], num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(paths["policy"], num_labels=1, use_safetensors=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(paths["policy"])
+        model = AutoModelForCausalLM.from_pretrained(paths["policy"], use_safetensors=True)
     extra: dict[str, Any] = {}
     if algorithm == "dpo":
-        extra["ref_model"] = AutoModelForCausalLM.from_pretrained(paths["policy"]).requires_grad_(False)
+        extra["ref_model"] = AutoModelForCausalLM.from_pretrained(paths["policy"], use_safetensors=True).requires_grad_(False)
     if algorithm in ("rloo", "grpo"):
-        extra["reward_funcs"] = AutoModelForSequenceClassification.from_pretrained(paths["rm"]).requires_grad_(False)
+        extra["reward_funcs"] = AutoModelForSequenceClassification.from_pretrained(paths["rm"], use_safetensors=True).requires_grad_(False)
         extra["reward_processing_classes"] = tok
     t_data = time.perf_counter()
     if algorithm in ("dpo", "reward-model"):
@@ -973,10 +973,10 @@ def trl_ppo_user(paths: dict[str, Path], shape: dict[str, int], w: dict[str, int
 
     start, cpu = time.perf_counter(), time.process_time()
     tok = AutoTokenizer.from_pretrained(paths["policy"])
-    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
-    ref = AutoModelForCausalLM.from_pretrained(paths["policy"]).requires_grad_(False)
-    reward = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1).requires_grad_(False)
-    value = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1)
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"], use_safetensors=True)
+    ref = AutoModelForCausalLM.from_pretrained(paths["policy"], use_safetensors=True).requires_grad_(False)
+    reward = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, use_safetensors=True).requires_grad_(False)
+    value = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1, use_safetensors=True)
     prompts = [r["prompt"] for r in _read_jsonl(paths["prompts"])]
     data = Dataset.from_dict({"input_ids": tok(prompts, add_special_tokens=False)["input_ids"]})
     args = PPOConfig(**_config_kwargs(
