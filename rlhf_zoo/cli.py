@@ -25,8 +25,12 @@ app = typer.Typer(help="rlhf_zoo: classic RLHF algorithms, comparable, on offlin
                   rich_markup_mode=None)  # plain click help, as `zoo run ALGO --help`; rich costs 0.1-0.2 s at start-up
 
 RUN_OPTIONS = ("task", "seed", "out", "preset", "device", "task_seed", "checkpoint_every", "keep_checkpoints",
-               "resume", "overwrite", "nproc", "config", "quiet", "report_to")
+               "resume", "overwrite", "nproc", "config", "quiet", "report_to", "threads")
 SEED_HELP = f"0 to {MAX_SEED} (2**32 - 1)"
+THREADS_HELP = ("torch threads of the process (of each, with --nproc): N, or auto: 1 on the built-in tasks (tiny "
+                "models) or on a busy machine (load average > cores - 1), else the usable cores // processes; an "
+                "OMP_NUM_THREADS in the environment is kept, N overrides it. Several runs sharing the cores: "
+                "give each 1 (README, Threads).")
 #: run options of a run on the user's own model (`rlhf_zoo.runner.SETUP_KEYS`)
 SETUP_OPTIONS = ("model", "tokenizer", "ref_model", "reward", "reward_weights", "gold", "prompts", "ptx_dataset",
                  "chat_template", "eval_fraction", "dtype", "attn_implementation", "trust_remote_code",
@@ -119,13 +123,17 @@ def bench_cmd(
     preset: str = typer.Option(None, help="Ad hoc form: preset of every algorithm (default: default)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    threads: str = typer.Option("auto", metavar="auto|N", help="torch threads of every run's process, as zoo "
+                                "run's --threads. Several benchmarks sharing the cores: 1 each."),
 ) -> None:
     """Benchmark algorithms (IQM, bootstrap CIs, probability of improvement); resumes an existing --out."""
     from rlhf_zoo.bench.command import bench
+    from rlhf_zoo.threads import parse_threads
 
+    threads_value = parse_threads(threads)  # a bad --threads: one line before anything runs
     _quiet_hf()
     results = bench(out=out, suite=suite, algos=algos, tasks=tasks, seeds=seeds, preset=preset, device=device,
-                    progress=not quiet)
+                    progress=not quiet, threads=threads_value)
     ex = results["execution"]
     typer.echo(f"bench: {ex['runs']} runs ({ex['executed']} run now, {ex['skipped']} reused); "
                f"report: {out / 'report.md'}")
@@ -209,6 +217,22 @@ class LiteralChoice(click.Choice):
         return self.values[super().convert(str(value), param, ctx)]
 
 
+class ThreadsType(click.ParamType):
+    """``--threads``: auto or N >= 1 (`rlhf_zoo.threads.parse_threads`); a bad value is one line naming it."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from rlhf_zoo.threads import parse_threads
+
+        return parse_threads(value)
+
+
+def _threads_option() -> click.Option:
+    return click.Option(["--threads"], type=ThreadsType(), default="auto", show_default=True, metavar="auto|N",
+                        help=THREADS_HELP)
+
+
 def _click_type(tp: Any) -> tuple[Any, bool]:
     """(click type, is_flag) for a config field's type (`rlhf_zoo.catalog.field_type`)."""
     if isinstance(tp, list):
@@ -248,6 +272,7 @@ def _algorithm_command(name: str) -> click.Command:
         click.Option(["--nproc"], type=click.IntRange(min=1), default=1, show_default=True,
                      help="Data-parallel processes on this machine, launched by torch.distributed.run "
                           "(gloo on CPU, NCCL on GPUs)."),
+        _threads_option(),
     ]
     params += _setup_params()
     for f in algo.fields:
@@ -287,7 +312,7 @@ def _algorithm_command(name: str) -> click.Command:
                           preset=common["preset"], options=options, task_seed=common["task_seed"],
                           checkpoint_every=common["checkpoint_every"], keep_checkpoints=common["keep_checkpoints"],
                           resume=common["resume"], progress=not common["quiet"], setup=setup,
-                          overwrite=common["overwrite"], report_to=common["report_to"])
+                          overwrite=common["overwrite"], report_to=common["report_to"], threads=common["threads"])
         except KeyboardInterrupt as e:
             if os.environ.get("RANK", "0") == "0":  # one line, from rank 0 of a data-parallel run
                 click.echo(_interrupted(out, getattr(e, "zoo_restored", False)), err=True)
@@ -363,9 +388,11 @@ def _launch(nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
+    from rlhf_zoo.threads import launcher_env
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "rlhf_zoo", *args]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env=launcher_env(os.environ))  # each rank picks its --threads (auto: cores // N)
     try:
         return proc.wait()
     except KeyboardInterrupt:  # the ranks got the Ctrl-C too: rank 0 prints how to resume
@@ -435,6 +462,7 @@ def _eval_command() -> click.Command:
                                                              "of the summary line."),
         click.Option(["--device"], default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
         click.Option(["--quiet"], is_flag=True, help="No progress bars."),
+        _threads_option(),
         opt("--model", "The own-model world's model: its tokenizer, and the reference unless --ref-model "
                        "[default: the run's --model; else POLICY itself]."),
         *[p for p in _setup_params() if p.name not in (*EVAL_SKIPPED_SETUP, "model")],

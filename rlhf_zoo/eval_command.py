@@ -157,16 +157,19 @@ def evaluate_saved(
     out: str | Path | None = None,
     setup: dict[str, Any] | None = None,
     progress: bool = True,
+    threads: int | str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate POLICY (see the module docstring); writes ``out``/eval.json and samples.jsonl. Options left
-    None take the run's values (a run directory) or the defaults of a fresh run. Returns (eval.json's
-    content, the output directory)."""
+    None take the run's values (a run directory) or the defaults of a fresh run. ``threads``: torch's
+    thread count, N or ``"auto"`` (`rlhf_zoo.threads`; ``zoo eval --threads``), None: left as it is.
+    Returns (eval.json's content, the output directory)."""
     import torch
 
     from rlhf_zoo.registry import Algorithm, get_registry
     from rlhf_zoo.rewards import MissingReward
     from rlhf_zoo.runner import (DEFAULT_TASK, RunContext, _user_world, final_evaluation, resolve_device,
                                  seed_everything, versions)
+    from rlhf_zoo.threads import apply_threads, choose_threads
 
     start = time.perf_counter()
     given_setup = {k: v for k, v in (setup or {}).items() if v}
@@ -224,6 +227,7 @@ def evaluate_saved(
         raise ConfigError(f"--out {out_dir} exists and is a file, not a directory; give a directory path")
 
     dev = resolve_device(device)
+    chosen = apply_threads(choose_threads(threads, task=task_name, own_model=bool(world_setup)))
     if world_setup:
         world, _ = _user_world(world_setup, config, registry, dev, task_seed)
         model_options = world.model_options
@@ -271,6 +275,7 @@ def evaluate_saved(
         **({"setup": world_setup} if world_setup else {}),
         **figures,
         "wall_seconds": round(time.perf_counter() - start, 3),
+        "torch_threads": chosen.threads, "torch_threads_reason": chosen.reason,
         "versions": versions(),
     }
     try:

@@ -69,6 +69,7 @@ from rlhf_zoo.registry import Algorithm, Registry, get_registry
 from rlhf_zoo.rewards import MissingReward
 from rlhf_zoo.rundir import (check_out, drop_set_aside, lock_run_dir, restore_set_aside, set_aside,
                             unlock_run_dir)
+from rlhf_zoo.threads import apply_threads, choose_threads
 from rlhf_zoo.tracking import TrackerRun, Trackers, selected_loggers
 
 DEFAULT_TASK = "sentiment"
@@ -618,7 +619,10 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
 
     Keyword arguments are those of `make_context` (task, seed, out, device, preset, options, task_seed,
     checkpoint_every, keep_checkpoints, resume, progress, registry, setup, overwrite, report_to), with the
-    same defaults. The run directory is locked while the run lives (`rlhf_zoo.rundir`)."""
+    same defaults, and ``threads``: torch's thread count for the process, N or ``"auto"``
+    (`rlhf_zoo.threads`; ``zoo run`` passes ``--threads``, default auto), or None (the default here: the
+    calling process's setting is left alone). config.json records the count and why. The run directory
+    is locked while the run lives (`rlhf_zoo.rundir`)."""
     made: list[RunContext] = []
     try:
         return _run(algorithm, made, **kwargs)
@@ -628,8 +632,11 @@ def run(algorithm: str, **kwargs: Any) -> dict[str, Any]:
         unlock_run_dir(Path(kwargs.get("out", "runs/latest")))
 
 
-def _run(algorithm: str, made: list[RunContext], **kwargs: Any) -> dict[str, Any]:
+def _run(algorithm: str, made: list[RunContext], threads: int | str | None = None, **kwargs: Any) -> dict[str, Any]:
     wall_start = time.perf_counter()
+    # 0) torch threads, before any model work (a task build fixes its own count: BUILD_THREADS)
+    own_model = any((kwargs.get("setup") or {}).values())
+    chosen = apply_threads(choose_threads(threads, task=kwargs.get("task") or DEFAULT_TASK, own_model=own_model))
     dev = resolve_device(kwargs.get("device", "auto"))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -650,7 +657,8 @@ def _run(algorithm: str, made: list[RunContext], **kwargs: Any) -> dict[str, Any
                 "versions": versions(), "git_commit": _git_commit(), "world_size": ctx.dist.world_size, "argv": sys.argv,
                 "checkpoint_every": ctx.checkpoint_every, "keep_checkpoints": ctx.keep_checkpoints,
                 "resumed_from": latest_checkpoint(out / "checkpoints").name if ctx.resume else None,
-                "report_to": list(ctx.trackers.names)}
+                "report_to": list(ctx.trackers.names),
+                "torch_threads": chosen.threads, "torch_threads_reason": chosen.reason}
     train_start = time.perf_counter()
     try:
         if ctx.dist.is_main:  # rank 0 writes the run directory, reports to the trackers and calls the plugins' hooks

@@ -43,8 +43,8 @@ def build_suite(suite: str | None, algos: str | None, tasks: str | None, seeds: 
 
 def bench(*, out: Path, suite: str | None = None, algos: str | None = None, tasks: str | None = None,
           seeds: int | None = None, preset: str | None = None, device: str = "auto",
-          progress: bool = True) -> dict[str, Any]:
-    """Run ``zoo bench``; returns results.json's content."""
+          progress: bool = True, threads: int | str = "auto") -> dict[str, Any]:
+    """Run ``zoo bench``; returns results.json's content. ``threads``: every run's ``--threads``."""
     the_suite, args = build_suite(suite, algos, tasks, seeds, preset)
-    command = shlex.join(["zoo", "bench", *args, "--out", str(out), "--device", device])
-    return run_bench(the_suite, out, device=device, progress=progress, command=command)
+    command = shlex.join(["zoo", "bench", *args, "--out", str(out), "--device", device, "--threads", str(threads)])
+    return run_bench(the_suite, out, device=device, progress=progress, command=command, threads=threads)

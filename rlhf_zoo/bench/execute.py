@@ -60,11 +60,13 @@ def check_resumable(spec: RunSpec, run_dir: Path) -> None:
         raise ZooError(f"{run_dir} holds a different run ({details}); use another --out or delete it")
 
 
-def execute(spec: RunSpec, run_dir: Path, device: str) -> None:
-    """Run ``spec`` in a fresh Python process; on failure keep stderr in the run directory and raise."""
+def execute(spec: RunSpec, run_dir: Path, device: str, threads: int | str = "auto") -> None:
+    """Run ``spec`` in a fresh Python process (torch ``threads``: N or ``"auto"``, `rlhf_zoo.threads`); on
+    failure keep stderr in the run directory and raise."""
     run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"algorithm": spec.algorithm, "task": spec.task, "seed": spec.seed, "out": str(run_dir),
-               "device": device, "preset": spec.preset, "options": spec.options, "setup": spec.setup}
+               "device": device, "preset": spec.preset, "options": spec.options, "setup": spec.setup,
+               "threads": threads}
     start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, "-m", "rlhf_zoo.bench.worker", json.dumps(payload)],
                           capture_output=True, text=True)
@@ -93,8 +95,10 @@ def process_seconds(run_dir: Path, key: str = "process_seconds") -> float | None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def run_all(specs: list[RunSpec], out: Path, *, device: str = "auto", progress: bool = True) -> list[RunResult]:
-    """Every run of ``specs`` under ``out/runs/``, with a progress bar over runs."""
+def run_all(specs: list[RunSpec], out: Path, *, device: str = "auto", progress: bool = True,
+            threads: int | str = "auto") -> list[RunResult]:
+    """Every run of ``specs`` under ``out/runs/``, with a progress bar over runs; ``threads``: every executed
+    run's torch threads (not part of a run's identity: a finished run made with another count is reused)."""
     results = []
     bar = tqdm(specs, desc="bench", unit="run", disable=not progress, dynamic_ncols=True)
     for spec in bar:
@@ -105,7 +109,7 @@ def run_all(specs: list[RunSpec], out: Path, *, device: str = "auto", progress: 
         if done:
             check_resumable(spec, run_dir)
         else:
-            execute(spec, run_dir, device)
+            execute(spec, run_dir, device, threads)
         results.append(RunResult(spec, json.loads((run_dir / "summary.json").read_text()),
                                  json.loads((run_dir / "config.json").read_text()), executed=not done,
                                  process_seconds=process_seconds(run_dir),

@@ -37,7 +37,10 @@ IQM_NOTE = ("mean of the middle 50% of the empirical distribution, sorted scores
 def machine_info(runs: list[RunResult]) -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "devices": sorted({str(r.run_config.get("device", "unknown")) for r in runs})}
+            "devices": sorted({str(r.run_config.get("device", "unknown")) for r in runs}),
+            # each run's own count (config.json; its process chose it: --threads), where recorded
+            "run_torch_threads": sorted({int(r.run_config["torch_threads"]) for r in runs
+                                         if isinstance(r.run_config.get("torch_threads"), int)})}
     if hasattr(os, "sched_getaffinity"):
         info["cpus_available"] = len(os.sched_getaffinity(0))
     if torch.cuda.is_available():
@@ -86,15 +89,17 @@ def known_results(suite: Suite, registry: Registry, records: list[dict[str, Any]
 
 def run_bench(suite: Suite, out: str | Path, *, device: str = "auto", progress: bool = True,
               command: str | None = None, n_resamples: int = stats.BOOTSTRAP_RESAMPLES, bootstrap_seed: int = 0,
-              draw_plots: bool = True, registry: Registry | None = None) -> dict[str, Any]:
-    """Run (or resume) ``suite`` into ``out``; returns results.json's content."""
+              draw_plots: bool = True, registry: Registry | None = None,
+              threads: int | str = "auto") -> dict[str, Any]:
+    """Run (or resume) ``suite`` into ``out``; returns results.json's content. ``threads``: torch threads of
+    every run's process (`rlhf_zoo.threads`: N or ``"auto"``)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars of the exact checks' model loads
     out, registry = Path(out), registry or get_registry()
     # 1-2) runs
     start = time.perf_counter()
-    runs = run_all(expand(suite, registry), out, device=device, progress=progress)
+    runs = run_all(expand(suite, registry), out, device=device, progress=progress, threads=threads)
     elapsed = time.perf_counter() - start
     # 3) aggregates
     ci = dict(n_resamples=n_resamples, seed=bootstrap_seed)

@@ -23,6 +23,12 @@ def _tokens(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
+def _threads(machine: dict[str, Any]) -> str:
+    """The runs' torch thread counts (each run's process chose its own: --threads), else the harness's."""
+    counts = machine.get("run_torch_threads")
+    return " or ".join(map(str, counts)) + " per run" if counts else str(machine["torch_threads"])
+
+
 def header(results: dict[str, Any]) -> list[str]:
     suite, proto, machine = results["suite"], results["protocol"], results["machine"]
     commits = ", ".join(c or "unknown" for c in results["git_commits"]) or "unknown"
@@ -33,7 +39,7 @@ def header(results: dict[str, Any]) -> list[str]:
     lines += [f"- command: `{results['command']}`", f"- created: {results['created']}",
               f"- git commit: {commits}",
               f"- machine: {machine['platform']}, {machine['cpu_count']} CPUs, torch threads "
-              f"{machine['torch_threads']}, device(s) {', '.join(machine['devices'])}",
+              f"{_threads(machine)}, device(s) {', '.join(machine['devices'])}",
               f"- versions: {versions}", "",
               "Protocol: every run's final checkpoint (never the best); seeds "
               f"{', '.join(map(str, suite['seeds']))} are paired (a seed gives every algorithm the same "

@@ -17,7 +17,8 @@ def main(argv: list[str]) -> None:
     setup = spec.get("setup") or None
     run(spec["algorithm"], task=None if setup else spec["task"], seed=spec["seed"], out=spec["out"],
         device=spec["device"], preset=spec["preset"], options=spec["options"], progress=False, setup=setup,
-        checkpoint_every=0)  # a benchmark resumes whole runs; per-iteration checkpoints would only cost time
+        checkpoint_every=0,  # a benchmark resumes whole runs; per-iteration checkpoints would only cost time
+        threads=spec.get("threads", "auto"))
 
 
 if __name__ == "__main__":
