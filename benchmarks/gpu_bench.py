@@ -6,8 +6,9 @@ For every algorithm (default: every ``policy`` and ``inference`` algorithm of th
 over the train phase's time and the measured peak matmul FLOP/s) and decode MBU (bytes of weights and KV
 cache per decode step over the step time and the measured copy bandwidth); and, on one batch of prompts,
 the same rollout (sample + reward-model score) through our sampler and through transformers'
-``generate`` (and, on CUDA, its static-cache ``generate``, which transformers compiles with CUDA graphs),
-as a ratio. See `rlhf_zoo.accel` for the formulas.
+``generate`` (and, on CUDA or with ``--static-generate on``, its static-cache ``generate``, which
+transformers compiles with CUDA graphs on CUDA, and our sampler with ``cache="static"`` and
+``cache="compiled"``, `rlhf_zoo.ops.kv_cache`), as a ratio. See `rlhf_zoo.accel` for the formulas.
 
 Models, built from config (``--size``): ``100m`` is `rlhf_zoo.models.tiny_llama_config` with hidden 768,
 16 layers, 12 heads (94M parameters), ``tiny`` hidden 32, 2 layers (what the tests run on CPU); the
@@ -191,9 +192,9 @@ def rollout_comparison(task: Any, models: dict[str, torch.nn.Module], device: to
         reward_scores(rm, torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1))
         return int(r_mask.sum())
 
-    def ours() -> int:
+    def ours(cache: str = "dynamic") -> int:
         s = sample(policy, p_ids, p_mask, T, eos_token_id=eos, pad_token_id=pad, suppress_ids=task.suppress_ids,
-                   generator=gen)
+                   generator=gen, cache=cache)
         return score(s.response_ids, s.response_mask)
 
     def plain(**extra: Any) -> int:
@@ -208,6 +209,8 @@ def rollout_comparison(task: Any, models: dict[str, torch.nn.Module], device: to
     methods = {"sample": ours, "generate": plain}
     if static:
         methods["generate_static"] = lambda: plain(cache_implementation="static")
+        methods["sample_static"] = lambda: ours("static")
+        methods["sample_compiled"] = lambda: ours("compiled")  # static cache + torch.compile'd decode step
     times: dict[str, list[float]] = {k: [] for k in methods}
     tokens: dict[str, list[int]] = {k: [] for k in methods}
     errors: dict[str, str] = {}
@@ -302,7 +305,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rollout-batch", type=int, default=0, help="prompts in the rollout comparison (0: by size)")
     ap.add_argument("--reps", type=int, default=0, help="timed rollout repetitions (0: by size)")
     ap.add_argument("--static-generate", choices=("auto", "on", "off"), default="auto",
-                    help="also time generate with a static cache (auto: on CUDA only)")
+                    help="also time generate and the zoo's sampler with a static cache, and the sampler with a "
+                         "compiled decode step (auto: on CUDA only)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="directory for results.json and report.md")
     return ap.parse_args(argv)

@@ -7,10 +7,15 @@ later forward at the same temperature. Rows that have produced EOS keep emitting
 Under autocast (bf16 on CUDA, `rlhf_zoo.accel.autocast`) the loop casts the trainable weights once per
 call (`rlhf_zoo.accel.cached_weight_casts`) instead of once per step; log-probs stay fp32.
 
-Not done: a static KV cache with CUDA graphs (torch.compile "reduce-overhead"). It needs full-length
-attention masks and explicit cache positions for left-padded prompts, one graph per (batch, length)
-shape, and a GPU to validate; `benchmarks/gpu_bench.py` measures transformers' own static-cache
-``generate`` on CUDA next to this loop, which tells whether it would pay.
+KV cache (issue 15 item 4): ``cache=`` / ``$RLHF_ZOO_KV_CACHE`` chooses `rlhf_zoo.ops.kv_cache.KV_CACHES`:
+``dynamic`` (the default: a `transformers.DynamicCache` and a growing mask), ``static`` (a
+`transformers.StaticCache` of prompt + max_new_tokens positions with a full-length attention mask and
+per-row positions for the left-padded prompts) or ``compiled`` (static, and the decode step
+``torch.compile``'d: CUDA graphs on CUDA). Static and compiled sample the same tokens with the same
+log-probs up to float rounding (tests/test_generation_static.py); the default stays dynamic until
+`benchmarks/decode_speed.py` (CPU) and `benchmarks/gpu_bench.py` (CUDA) measure the static paths faster on
+a quiet machine. The static paths are validated on CPU only: compiled-on-CUDA (CUDA graphs, under bf16
+autocast) has not been run.
 """
 
 from __future__ import annotations
@@ -20,12 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 
 from rlhf_zoo.accel import cached_weight_casts
-from rlhf_zoo.ops.kv_cache import cached_forward
+from rlhf_zoo.ops.kv_cache import IncrementalDecoder, kv_cache_mode
 from rlhf_zoo.ops.logprobs import adjust_logits
-from rlhf_zoo.ops.masking import position_ids_from_mask
 
 
 @dataclass
@@ -55,21 +59,23 @@ def sample(
     suppress_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    cache: str | None = None,
 ) -> Samples:
     """Sample one response per (left-padded) prompt row.  prompt_ids, prompt_mask: (B, P).
 
     ``on_token(tokens, logprobs)`` is called after each step with the (B,) sampled tokens and their
     log-probs (rows already finished get pad and 0): this is how an agent drives the per-token
     environment, one ``env.step`` per decoding step.
+
+    ``cache``: ``dynamic``, ``static`` or ``compiled`` (`rlhf_zoo.ops.kv_cache.kv_cache_mode`; default:
+    ``$RLHF_ZOO_KV_CACHE``, else dynamic).
     """
     B = prompt_ids.shape[0]
     device = prompt_ids.device
+    mode = kv_cache_mode(cache)
     with cached_weight_casts(device.type):  # under autocast: cast the weights once, not every step
-        cache = DynamicCache()
-        attn = prompt_mask.long()
-        next_logits = cached_forward(model, input_ids=prompt_ids, attention_mask=attn,
-                                     position_ids=position_ids_from_mask(attn), cache=cache)[:, -1]  # (B, V)
-        next_pos = attn.sum(-1, keepdim=True)  # (B, 1): position of the first response token
+        decoder = IncrementalDecoder(model, prompt_ids, prompt_mask, max_new_tokens, mode)
+        next_logits = decoder.prefill()  # (B, V)
         ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
         logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
@@ -86,10 +92,7 @@ def sample(
             finished = finished | (alive & (token == eos_token_id))
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, mask[:, t : t + 1]], dim=1)
-            next_logits = cached_forward(model, input_ids=ids[:, t : t + 1], attention_mask=attn,
-                                         position_ids=next_pos, cache=cache)[:, -1]
-            next_pos = next_pos + 1
+            next_logits = decoder.step(ids[:, t], mask[:, t])
     return Samples(ids, mask, logprobs, finished)
 
 

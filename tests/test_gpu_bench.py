@@ -203,3 +203,17 @@ def _task():
     from rlhf_zoo.registry import get_registry
 
     return get_registry().task("sentiment").load(progress=False)
+
+
+@pytest.mark.slow
+def test_gpu_bench_rollout_with_the_static_paths_on_cpu(bench):
+    """``--static-generate on``: generate's static cache and the zoo sampler's static and compiled caches
+    join the rollout comparison (torch.compile on CPU: tens of seconds)."""
+    task = _task()
+    models = bench.build_models(task, "tiny", torch.device("cpu"), 0)
+    ro = bench.rollout_comparison(task, models, torch.device("cpu"), 4, 1, 0, {"flops": 1e9, "bandwidth": 1e9},
+                                  static=True)
+    assert ro["errors"] == {}
+    assert set(ro["methods"]) == {"sample", "generate", "generate_static", "sample_static", "sample_compiled"}
+    for m in ro["methods"].values():
+        assert math.isfinite(m["tokens_per_second"]) and m["tokens_per_second"] > 0 and m["ratio_vs_generate"] > 0
