@@ -60,7 +60,7 @@ from rlhf_zoo.ops.policy_losses import SequenceAggregation, clipped_policy_loss,
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.rollout import Rollout, collect, draw_prompts
-from rlhf_zoo.training import backward, optimizer_step
+from rlhf_zoo.training import adamw, backward, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def train(ctx, cfg: GroupConfig) -> ModelPolicy:
     if hi == lo:
         raise ConfigError(f"prompts_per_iteration ({n}) must be >= the number of processes ({ctx.dist.world_size})")
     env = ctx.make_env((hi - lo) * K)
-    opt = ctx.track("optimizer", torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0))
+    opt = ctx.track("optimizer", adamw(policy.parameters(), lr=cfg.learning_rate))
     rng = ctx.track("prompt_rng", np.random.default_rng(ctx.seed))
     sequence_advantages = grpo_sequence_advantages if isinstance(cfg, GRPOConfig) else rloo_sequence_advantages
     n_available = len(task.prompts("train"))

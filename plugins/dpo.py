@@ -77,7 +77,7 @@ from rlhf_zoo.ops import masked_sum, response_logprobs
 from rlhf_zoo.ops.ranking import pair_indices
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
-from rlhf_zoo.training import Shuffler, backward, lm_row, optimizer_step, train_lm
+from rlhf_zoo.training import Shuffler, adamw, backward, lm_row, optimizer_step, train_lm
 
 LOGPROB_TEMPERATURE = 1.0  # DPO's objective is on pi itself, whatever the sampling temperature
 MAX_GRAD_NORM = 1.0
@@ -331,7 +331,7 @@ def train(ctx, cfg: DPOConfig) -> DPOPolicy:
     per_epoch = math.ceil(len(pairs) / cfg.batch_size)
     total = cfg.steps or cfg.epochs * per_epoch
     warm = min(cfg.warmup_steps, total - 1)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    opt = adamw(policy.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / (warm + 1), (total - s) / (total - warm)))
     order = Shuffler(len(pairs), cfg.batch_size, ctx.seed, ctx.device)
     for name, obj in (("optimizer", opt), ("scheduler", sched), ("pair_order", order)):

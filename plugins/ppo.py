@@ -47,7 +47,7 @@ from rlhf_zoo.ops.policy_losses import clipped_policy_loss, clipped_value_loss
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.rollout import Rollout, collect, draw_prompts
-from rlhf_zoo.training import backward, collate_lm, lm_loss, lm_row, optimizer_step
+from rlhf_zoo.training import adamw, backward, collate_lm, lm_loss, lm_row, optimizer_step
 
 PTX_STREAM = 7919  # offset of the pretraining-batch random stream from the run seed
 
@@ -188,8 +188,8 @@ def train(ctx, cfg: PPOConfig) -> ModelPolicy:
     env = ctx.make_env(hi - lo, kl_estimator=cfg.kl_estimator)
     kl_ctl = (AdaptiveKLController(ctx.beta, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else FixedKLController(ctx.beta))
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_learning_rate, weight_decay=0.0)
+    opt = adamw(policy.parameters(), lr=cfg.learning_rate)
+    critic_opt = adamw(critic.parameters(), lr=cfg.critic_learning_rate)
     decay = (lambda k: 1.0 - k / cfg.iterations) if cfg.lr_schedule == "linear" else (lambda k: 1.0)
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt, critic_opt)]
     ptx_coef = getattr(cfg, "ptx_coef", 0.0)

@@ -74,8 +74,8 @@ def train(ctx, cfg: RewardModelConfig) -> RewardModelResult:
         train_rows = _rows(task, tr["prompt"], tr["responses"], tr["margins"])
         held_rows = _rows(task, held["prompt"], held["responses"], held["margins"])
         gold = held["gold"]
-    # 2) model: SFT trunk, zero head
-    model = reward_model_from_policy(ctx.policy)
+    # 2) model: SFT trunk (the policy's own modules: the run has no other use for them), zero head
+    model = reward_model_from_policy(ctx.policy, take_trunk=True)
     # 3) train on whole rankings
     with ctx.phase("train"):
         losses = train_reward_model(model, train_rows, pad_id=tok.pad_token_id, steps=cfg.steps,

@@ -93,7 +93,7 @@ from rlhf_zoo.ops.logprobs import adjust_logits, pack_rows
 from rlhf_zoo.policy import ModelPolicy
 from rlhf_zoo.registry import Algorithm
 from rlhf_zoo.rollout import collect, draw_prompts
-from rlhf_zoo.training import optimizer_step
+from rlhf_zoo.training import adamw, optimizer_step
 
 MAX_GRAD_NORM = 1.0
 SOURCES = ("sample", "beam", "diverse-beam", "dataset")
@@ -308,8 +308,7 @@ def train(ctx: Any, cfg: RRHFConfig) -> ModelPolicy:
     fixed_env = ctx.make_env(n * k_fixed) if k_fixed else None
     # the model candidates come from: the policy itself (online), or a frozen copy per round (IP-n)
     sampler = model if not cfg.rounds else copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.learning_rate,
-                            weight_decay=0.0)
+    opt = adamw([q for q in model.parameters() if q.requires_grad], lr=cfg.learning_rate)
     ctx.track("optimizer", opt)
     ctx.track("prompt_rng", rng)
     if cfg.rounds:

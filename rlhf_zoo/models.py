@@ -7,6 +7,8 @@ read at its last real token from the attention mask, never from ``id == pad`` (p
 
 from __future__ import annotations
 
+import copy
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,13 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    DynamicCache,
     LlamaConfig,
     PreTrainedModel,
 )
 
-from rlhf_zoo.ops.logprobs import pack_rows
+from rlhf_zoo.ops.kv_cache import cache_argument
+from rlhf_zoo.ops.logprobs import PLAIN_HEAD_MODEL_TYPES, pack_rows
 from rlhf_zoo.ops.masking import position_ids_from_mask
 
 
@@ -63,13 +67,39 @@ def new_reward_model(config: LlamaConfig, seed: int) -> PreTrainedModel:
     ).eval()
 
 
-def reward_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
+def reward_model_from_policy(policy: PreTrainedModel, *, take_trunk: bool = False) -> PreTrainedModel:
     """A reward model whose trunk starts from the policy's weights (InstructGPT initialises the RM from
-    the SFT model); the scalar head starts at zero so initial scores are 0."""
-    rm = AutoModelForSequenceClassification.from_config(_one_label(policy.config), attn_implementation="eager")
+    the SFT model); the scalar head starts at zero so initial scores are 0. Attention runs as the
+    policy's does (sdpa for a user's model, eager for the tasks' own), on the policy's device.
+
+    The model is laid out on the meta device first, so no random initialisation of a trunk that is
+    overwritten anyway (1-2 s at 40M parameters); ``take_trunk=True`` moves the policy's trunk modules
+    into the reward model instead of copying them (no second copy in memory; the policy's trunk is the
+    reward model's from then on: for a caller that has no further use for the policy)."""
+    attn = getattr(policy.config, "_attn_implementation", None) or "eager"
+    with torch.device("meta"):
+        rm = AutoModelForSequenceClassification.from_config(_one_label(policy.config), attn_implementation=attn)
+    prefix, trunk = rm.base_model_prefix, policy.base_model
+    if not take_trunk:
+        trunk = copy.deepcopy(trunk)
+    setattr(rm, prefix, trunk)
+    head = _score_head(rm)
+    device = next(trunk.parameters()).device
+    head.to_empty(device=device)
+    for name, param in head.named_parameters():
+        torch.nn.init.zeros_(param)  # weight (and a bias, where the architecture has one) at zero
+    missing = [n for n, p in rm.named_parameters() if p.is_meta] + [n for n, b in rm.named_buffers() if b.is_meta]
+    if missing:  # an architecture with parts outside trunk and head: give up the shortcut
+        return _reward_model_by_copy(policy, attn)
+    return rm.float().eval()
+
+
+def _reward_model_by_copy(policy: PreTrainedModel, attn: str) -> PreTrainedModel:
+    rm = AutoModelForSequenceClassification.from_config(_one_label(policy.config), attn_implementation=attn)
     rm.base_model.load_state_dict(policy.base_model.state_dict())
-    torch.nn.init.zeros_(_score_head(rm).weight)
-    return rm.eval()
+    for param in _score_head(rm).parameters():
+        torch.nn.init.zeros_(param)
+    return rm.to(next(policy.parameters()).device).float().eval()
 
 
 def _one_label(config):
@@ -118,6 +148,40 @@ def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mas
     hidden, mask = _packed_hidden(model, input_ids, attention_mask)  # (B, L', H)
     last = (mask.sum(-1) - 1).clamp(min=0)  # (B,)
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+    return _score_head(model)(pooled).squeeze(-1).float()
+
+
+def supports_shared_prompt(model: torch.nn.Module) -> bool:
+    """Whether `reward_scores_shared_prompt` can score with ``model``: a decoder-only transformers
+    architecture (causal attention, a KV cache; the allow-list of `rlhf_zoo.ops.logprobs`). Anything
+    else (an encoder such as BERT, remote code) scores whole rows with `reward_scores`."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and \
+        cache_argument(model.base_model) in inspect.signature(type(model.base_model).forward).parameters
+
+
+def reward_scores_shared_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Scores of K responses per prompt with each prompt through the trunk once: the prompts (B, P,
+    right-padded, at least one real token each) fill a KV cache, which is repeated K times and read by
+    the (B * K, R) right-padded responses (rows b * K .. b * K + K - 1 answer prompt b), the prompt's
+    padding masked out. Right padding, not left: every query of the prompt forward then sees at least
+    one real token, so no row of the cache is a fully-masked (NaN-prone) softmax. Differentiable end to
+    end (the cache's keys and values carry the prompt's gradient). Equal, to float rounding, to
+    `reward_scores` on the concatenated rows.  -> (B * K,) fp32; every response needs a real token."""
+    base = model.base_model
+    k = response_ids.shape[0] // prompt_ids.shape[0]
+    cache = DynamicCache()
+    base(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+         use_cache=True, **{cache_argument(base): cache})
+    cache.batch_repeat_interleave(k)
+    prompt_len = prompt_mask.sum(-1).repeat_interleave(k)  # (B K,)
+    positions = prompt_len[:, None] + torch.arange(response_ids.shape[1], device=response_ids.device)
+    mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), response_mask], dim=1)
+    hidden = base(input_ids=response_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **{cache_argument(base): cache}).last_hidden_state  # (B K, R, H)
+    last = (response_mask.sum(-1) - 1).clamp(min=0)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return _score_head(model)(pooled).squeeze(-1).float()
 
 

@@ -26,6 +26,7 @@ into all of them and continues with the next iteration, so the resumed run is th
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -129,7 +130,7 @@ class RunContext:
     out: Path
     registry: Registry
     policy: torch.nn.Module
-    reference: torch.nn.Module
+    _reference: Any  # the frozen module, or a function that loads it on first use (see `reference`)
     reward_fn: Any
     generator: torch.Generator
     checkpoint_every: int | None = None
@@ -154,6 +155,18 @@ class RunContext:
     trackers: Trackers = field(default_factory=Trackers)  # the --report-to loggers (`rlhf_zoo.tracking`), rank 0
     _last_logged: int = 0  # the highest iteration of a metrics row so far
     _last_samples: tuple[int, list] | None = None  # the latest samples written: (iteration, rows)
+
+    @property
+    def reference(self) -> torch.nn.Module:
+        """The reference policy; a run whose algorithm never reads it (reward-model training) never
+        loads it (one model fewer in memory)."""
+        if not isinstance(self._reference, torch.nn.Module):
+            self._reference = self._reference().requires_grad_(False)
+        return self._reference
+
+    @reference.setter
+    def reference(self, model: torch.nn.Module) -> None:
+        self._reference = model
 
     @property
     def sample_generator(self) -> torch.Generator:
@@ -509,9 +522,12 @@ def make_context(
             from rlhf_zoo.adapters import prepare_policy
 
             policy, reference = prepare_policy(policy, setup, model_options)
-        if reference is None:
+        if reference is None and algo.kind == "reward_model":  # (loaded only if something asks for it)
+            reference = functools.partial(the_task.load_reference, dev)
+        elif reference is None:
             reference = the_task.load_reference(dev)
-        reference.requires_grad_(False)
+        if isinstance(reference, torch.nn.Module):
+            reference.requires_grad_(False)
         reward_fn = the_task.reward_function(device=dev) if the_task.has_reward else MissingReward(task)
         generator = torch.Generator(device=dev).manual_seed(seed)
         ctx = RunContext(algo, config, the_task, seed, dev, out, registry, policy, reference, reward_fn, generator,

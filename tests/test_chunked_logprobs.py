@@ -333,10 +333,39 @@ def test_auto_mode_chunks_above_the_threshold_and_env_override(monkeypatch):
     with pytest.raises(ValueError):
         with logprob_strategy("fast"):
             pass
-    # auto mode above the threshold gives the chunked values
+    # auto mode with even the response tokens' logits above the threshold gives the chunked values
     monkeypatch.setenv(L.MODE_ENV, "auto")
+    monkeypatch.setattr(L, "CHUNK_BYTES", V * 4)  # one row of logits per chunk
     fn = response_fn(seed=11)
     assert_same(run(model, "naive", fn), run(model, "auto", fn, chunk_rows=None, chunked=True))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_auto_mode_runs_the_head_on_response_positions_only_above_gather_min_flops(monkeypatch, kind):
+    """Logits that fit in CHUNK_BYTES but a head whose work passes GATHER_MIN_FLOPS: one plain forward of
+    the head on the response tokens (no chunked function), the naive values and gradients, and the head
+    fed as many rows as there are response tokens (not B x L)."""
+    model = tiny(kind, seed=21)
+    monkeypatch.delenv(L.MODE_ENV, raising=False)
+    p_ids, p_mask, r_ids, r_mask = batch(seed=21)
+    width = int((p_mask.sum(-1) + r_mask.sum(-1)).max())
+    flops = 2 * p_ids.shape[0] * width * model.get_output_embeddings().weight.shape[1] * V
+    monkeypatch.setattr(L, "GATHER_MIN_FLOPS", flops + 1)
+    assert L._plan(model, p_ids.shape[0], width) is None  # just below: the naive path
+    monkeypatch.setattr(L, "GATHER_MIN_FLOPS", flops)
+    assert L._plan(model, p_ids.shape[0], width) is not None
+    shapes, original = [], L.logprobs_from_logits  # (a hook on the head would turn the fast paths off)
+
+    def spy(logits, *args, **kwargs):
+        shapes.append(tuple(logits.shape))
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(L, "logprobs_from_logits", spy)
+    fn = response_fn(seed=21)
+    gathered = run(model, "auto", fn, chunk_rows=None, chunked=False)
+    assert shapes == [(int(r_mask.sum()), V)]  # the response tokens' logits, nothing else
+    monkeypatch.setattr(L, "logprobs_from_logits", original)
+    assert_same(run(model, "naive", fn), gathered)
 
 
 # --- DPO's code path -----------------------------------------------------------------------------------------

@@ -147,6 +147,86 @@ def test_reward_model_from_policy_copies_trunk_and_zeroes_head(tiny_lm):
     assert reward_scores(rm, ids, torch.ones_like(ids)).tolist() == [0.0]
 
 
+def test_reward_model_from_policy_copy_is_independent_and_take_trunk_shares(tiny_lm):
+    """The default copies the trunk (training the RM leaves the policy alone); take_trunk moves the policy's
+    own modules in (no second copy). Both: attention as the policy's, every parameter materialised."""
+    copy_rm = reward_model_from_policy(tiny_lm)
+    assert copy_rm.base_model.embed_tokens.weight.data_ptr() != tiny_lm.base_model.embed_tokens.weight.data_ptr()
+    assert copy_rm.config._attn_implementation == tiny_lm.config._attn_implementation == "eager"
+    assert not any(p.is_meta for p in copy_rm.parameters())
+    policy = new_causal_lm(config(), seed=0)
+    policy.config._attn_implementation = "sdpa"
+    taken = reward_model_from_policy(policy, take_trunk=True)
+    assert taken.base_model is policy.base_model and taken.config._attn_implementation == "sdpa"
+    assert sum(p.numel() for p in taken.parameters()) == sum(p.numel() for p in policy.base_model.parameters()) + 32
+
+
+def groups_of(seed: int, shape: list[tuple[int, tuple[int, ...]]]) -> list[RankingRow]:
+    g = torch.Generator().manual_seed(seed)
+    return [RankingRow(torch.randint(3, VOCAB, (p,), generator=g).tolist(),
+                       [torch.randint(3, VOCAB, (r,), generator=g).tolist() for r in rs], [0.5] * (len(rs) * (len(rs) - 1) // 2))
+            for p, rs in shape]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_prompt_scores_and_gradients_equal_whole_rows(attn):
+    """Prompts of 1-9 tokens, responses of 1-7: scoring K responses off one prompt forward gives the
+    whole-row scores and the same gradient for every parameter (float64, so rounding cannot hide a
+    wrong mask or position)."""
+    from rlhf_zoo.training import _score_groups
+
+    policy = new_causal_lm(config(), seed=4)
+    policy.config._attn_implementation = attn
+    rm = reward_model_from_policy(policy).double()
+    torch.nn.init.normal_(rm.score.weight, generator=torch.Generator().manual_seed(0))
+    groups = groups_of(5, [(5, (3, 7, 1)), (1, (4, 4, 2)), (9, (1, 5, 6))])
+    results = []
+    for share in (False, True):
+        scores = _score_groups(rm, groups, PAD, share_prompt=share)
+        grads = torch.autograd.grad((scores * torch.arange(1.0, 10.0, dtype=scores.dtype).view(3, 3)).sum(),
+                                    list(rm.parameters()))
+        results.append((scores.detach(), grads))
+    (a, ga), (b, gb) = results
+    assert a.abs().max() > 1.0  # a non-trivial head
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6 * float(x.abs().max()) + 1e-12)
+
+
+def test_reward_model_training_same_with_and_without_shared_prompt():
+    """Twenty steps of the ranking loss: the loss curves agree to float rounding (fp32)."""
+    groups = groups_of(6, [(4 + i % 5, (2 + i % 3, 5, 3)) for i in range(16)])
+    curves = []
+    for share in (False, True):
+        rm = reward_model_from_policy(new_causal_lm(config(), seed=7))
+        curves.append(train_reward_model(rm, groups, pad_id=PAD, steps=20, batch_size=4, lr=1e-3, seed=0,
+                                         progress=False, share_prompt=share))
+    assert curves[0][0] == pytest.approx(math.log(2) * 1.0, rel=1e-6)  # zero head: every pair at log 2
+    assert curves[1] == pytest.approx(curves[0], rel=1e-4, abs=1e-5)
+    assert curves[0][-1] < curves[0][0]
+
+
+def test_adamw_is_fused_where_it_can_be_and_matches_the_loop():
+    from rlhf_zoo.training import adamw
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(50)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    start = [p.detach().clone() for p in a]
+    fused, loop = adamw(a, lr=1e-2), adamw(b, lr=1e-2, fused=False)
+    assert fused.param_groups[0]["fused"] is True and not loop.param_groups[0].get("fused")
+    g = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        grads = [torch.randn(50, generator=g) for _ in a]
+        for p, q, gr in zip(a, b, grads, strict=True):
+            p.grad, q.grad = gr.clone(), gr.clone()
+        fused.step()
+        loop.step()
+    assert max(float((p.detach() - p0).abs().max()) for p, p0 in zip(a, start, strict=True)) > 0.1  # it moved
+    for p, q in zip(a, b, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 # --- reward scores at the last real token ---------------------------------------------------------------
 @torch.no_grad()
 def test_reward_scores_same_alone_and_in_right_padded_batch():

@@ -38,6 +38,10 @@ from rlhf_zoo_envs.tasks import labelers
 
 BUILD_VERSION = 4  # 4: built with a fixed thread count (BUILD_THREADS), whatever the caller's
 BUILD_THREADS = 2  # intra-op threads of every build: float sums, hence the world, depend on the count
+#: the worlds are trained with the kernels they were first built with (AdamW's loop, not the fused kernel
+#: the plugins use; reward-model rows scored whole, not with a shared prompt): the same numbers to the
+#: last bit, so a cached world and a fresh build of the same BUILD_VERSION and seed are one world
+AS_BUILT = {"fused": False}
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 STAGE_STREAMS = {"pretrain": 1, "sft": 2, "prompts": 3, "rankings": 4, "labelers": 5, "train": 6}
 
@@ -160,7 +164,8 @@ def _build(name: str, language: Any, spec: BuildSpec, seed: int, path: Path, pro
     model = new_causal_lm(config, seed)
     rows = [lm_row([bos], [*encode(t), eos]) for t in corpus]
     pre_losses = train_lm(model, rows, pad_id=pad, steps=spec.pretrain_steps, batch_size=spec.batch_size,
-                          lr=spec.pretrain_lr, seed=seed, desc="pretrain", suppress_ids=suppress, progress=progress)
+                          lr=spec.pretrain_lr, seed=seed, desc="pretrain", suppress_ids=suppress, progress=progress,
+                          **AS_BUILT)
     model.save_pretrained(tmp / "pretrained")
     done("pretrain")
 
@@ -172,7 +177,8 @@ def _build(name: str, language: Any, spec: BuildSpec, seed: int, path: Path, pro
     datasets.Dataset.from_dict({"prompt": sft_prompts, "completion": demos}).save_to_disk(str(tmp / "data" / "sft"))
     rows = [lm_row([bos, *encode(p)], [*encode(c), eos]) for p, c in zip(sft_prompts, demos, strict=True)]
     sft_losses = train_lm(model, rows, pad_id=pad, steps=spec.sft_steps, batch_size=spec.batch_size,
-                          lr=spec.sft_lr, seed=seed + 1, desc="sft", suppress_ids=suppress, progress=progress)
+                          lr=spec.sft_lr, seed=seed + 1, desc="sft", suppress_ids=suppress, progress=progress,
+                          **AS_BUILT)
     model.save_pretrained(tmp / "sft")
     done("sft")
 
@@ -243,9 +249,11 @@ def _build(name: str, language: Any, spec: BuildSpec, seed: int, path: Path, pro
         rm = reward_model_from_policy(model)
         rm_losses = train_reward_model(rm, groups[: spec.ranking_prompts], pad_id=pad, steps=spec.rm_steps,
                                        batch_size=spec.rm_batch_size, lr=spec.rm_lr, seed=seed + 2,
-                                       desc=f"reward model {rm_name}", progress=progress)
-        acc = ranking_accuracy(rm, groups[spec.ranking_prompts:], cols["gold"][spec.ranking_prompts:], pad)
-        train_acc = ranking_accuracy(rm, groups[:300], cols["gold"][:300], pad)
+                                       desc=f"reward model {rm_name}", progress=progress, **AS_BUILT,
+                                       share_prompt=False)
+        acc = ranking_accuracy(rm, groups[spec.ranking_prompts:], cols["gold"][spec.ranking_prompts:], pad,
+                               share_prompt=False)
+        train_acc = ranking_accuracy(rm, groups[:300], cols["gold"][:300], pad, share_prompt=False)
         rm.save_pretrained(tmp / rm_name)
         manifest["reward_models"][rm_name] = {
             "objective": spec.reward_models[rm_name], "heldout_gold_accuracy": round(acc, 4),
