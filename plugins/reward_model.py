@@ -47,7 +47,9 @@ class RewardModelConfig(DatasetConfig):
 def _rows(task, prompts, responses, margins) -> list[RankingRow]:
     """Prompt ids (BOS by the world's convention) and each response's ids with EOS."""
     prompt_ids = task.prompt_token_ids(list(prompts))
-    return [RankingRow(p, task.response_token_ids(list(rs)), list(m))
+    responses = [list(rs) for rs in responses]
+    flat = iter(task.response_token_ids([r for rs in responses for r in rs]))  # one tokenizer call for all
+    return [RankingRow(p, [next(flat) for _ in rs], list(m))
             for p, rs, m in zip(prompt_ids, responses, margins, strict=True)]
 
 

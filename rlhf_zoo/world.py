@@ -102,7 +102,7 @@ class World:
 
     def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of prompts, with BOS exactly when the tokenizer's convention adds one."""
-        return [bos_once(self.tokenizer, p) for p in prompts]
+        return bos_once_batch(self.tokenizer, list(prompts))
 
     def tokenizer_for_saving(self) -> Any:
         """The tokenizer a saved model ships with: a copy of the world's that encodes a prompt as the world
@@ -194,17 +194,28 @@ def bos_once(tokenizer: Any, text: str) -> list[int]:
     """``text``'s ids with what the tokenizer adds in front of a sequence (BOS, where it adds one) and
     nothing it adds at the end (some tokenizers append EOS); a BOS the text already starts with (a chat
     template that writes it) is not doubled."""
-    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
-    full = tokenizer(text, add_special_tokens=True)["input_ids"]
+    return bos_once_batch(tokenizer, [text])[0]
+
+
+def bos_once_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """`bos_once` of every text, with two batched tokenizer calls instead of two per text (a fast
+    tokenizer encodes a batch in one Rust call: 512 rows went from 0.09 s to a few ms)."""
+    if not texts:
+        return []
+    plains = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    fulls = tokenizer(texts, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
-    if plain:
-        prefix = _added_prefix(full, plain)
-    else:  # the empty text: only a BOS counts as added in front
-        prefix = full[:1] if full and full[0] == bos else []
-    ids = [*prefix, *plain]
-    if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    return ids
+    out = []
+    for plain, full in zip(plains, fulls, strict=True):
+        if plain:
+            prefix = _added_prefix(full, plain)
+        else:  # the empty text: only a BOS counts as added in front
+            prefix = full[:1] if full and full[0] == bos else []
+        ids = [*prefix, *plain]
+        if bos is not None and len(ids) >= 2 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        out.append(ids)
+    return out
 
 
 def _added_prefix(full: list[int], plain: list[int]) -> list[int]:

@@ -186,7 +186,9 @@ class Task(World):
     def prompt_token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """BOS, then the prompt's words."""
         tok = self.tokenizer
-        return [[tok.bos_token_id, *tok.encode(p, add_special_tokens=False)] for p in prompts]
+        if not prompts:
+            return []
+        return [[tok.bos_token_id, *ids] for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
 
     def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         """Text of each row's real tokens, special tokens dropped."""
