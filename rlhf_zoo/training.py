@@ -79,10 +79,14 @@ def optimizer_step(loss: torch.Tensor | None, optimizer: torch.optim.Optimizer, 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     all_reduce_gradients(params)
     with_grad = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm if max_grad_norm else math.inf)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
     if not torch.isfinite(norm):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(f"gradient of {term} is non-finite (norm {norm.item()})")
+    if max_grad_norm and norm + 1e-6 > max_grad_norm:  # (syncs once, as the finiteness check does)
+        # what clip_grad_norm_ does, but only when it changes something: below the bound it multiplies
+        # every gradient by exactly 1.0, a full pass over them (20 ms a step at 42M parameters on a CPU)
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_grad_norm, norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
