@@ -65,3 +65,19 @@ def test_hh_runs_optimise_the_llama2_combination_and_report_both_objectives(tmp_
     s = run("best-of-n", task="hh", out=tmp_path / "run", device="cpu", preset="smoke", progress=False)
     for key in ("gold_helpfulness", "gold_harmlessness", "baseline_gold_helpfulness", "baseline_gold_harmlessness"):
         assert math.isfinite(s[key])
+
+
+def test_reward_model_run_trains_the_policy_trunk_in_place_and_never_loads_the_reference(exact_task, tmp_path):
+    """reward-model holds one model: its trunk is the policy's own modules (no copy) and the reference,
+    which it never reads, is never loaded (`RunContext.reference` loads on first use for this kind)."""
+    ctx = make_context("reward-model", task="exact", out=tmp_path, device="cpu", preset="smoke", progress=False)
+    assert not isinstance(ctx._reference, torch.nn.Module)  # a loader, not a model
+    before = {k: v.detach().clone() for k, v in ctx.policy.base_model.named_parameters()}
+    result = ctx.algorithm.train(ctx, ctx.config)
+    assert isinstance(result, RewardModelResult) and result.model.base_model is ctx.policy.base_model
+    assert any(not torch.equal(before[k], v) for k, v in ctx.policy.base_model.named_parameters())
+    assert not isinstance(ctx._reference, torch.nn.Module)  # still never loaded
+    reference = ctx.reference  # asking for it loads it, frozen, equal to the task's SFT policy
+    assert isinstance(reference, torch.nn.Module) and not any(p.requires_grad for p in reference.parameters())
+    fresh = exact_task.load_reference()
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), fresh.state_dict().values(), strict=True))
