@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from rlhf_zoo.errors import ConfigError
-from rlhf_zoo.world import bos_once, pad_rows
+from rlhf_zoo.world import bos_once_batch, pad_rows
 
 TextReward = Callable[..., Sequence[float]]
 
@@ -156,12 +156,14 @@ def _model_scorer(model: Any, tokenizer: Any, same: bool, device: torch.device) 
         if same and batch.input_ids is not None:
             ids, mask = batch.input_ids, batch.attention_mask
         else:
-            rows = []
-            for prompt, text, completion in zip(batch.prompts, batch.prompt_texts, batch.completions, strict=True):
-                if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None) and not same:
-                    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-                rows.append([*bos_once(tokenizer, text), *tokenizer(completion, add_special_tokens=False)["input_ids"],
-                             tokenizer.eos_token_id])
+            texts = [tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                     if isinstance(prompt, list) and getattr(tokenizer, "chat_template", None) and not same else text
+                     for prompt, text in zip(batch.prompts, batch.prompt_texts, strict=True)]
+            completions = list(batch.completions)
+            # two batched tokenizer calls for the prompts and one for the completions, not three per row
+            ids_c = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
+            rows = [[*p, *c, tokenizer.eos_token_id]
+                    for p, c in zip(bos_once_batch(tokenizer, texts), ids_c, strict=True)]
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             ids, mask = pad_rows(rows, pad, left=False, device=device)
         with torch.no_grad():
