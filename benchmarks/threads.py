@@ -35,9 +35,10 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from rlhf_zoo.runner import versions as runner_versions
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -81,16 +82,6 @@ def git_commit() -> str:
     out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=HERE, capture_output=True,
                          text=True)
     return out.stdout.strip() or "unknown"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("rlhf-zoo", "torch", "transformers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "not installed"
-    return out
 
 
 def child_env() -> dict[str, str]:
@@ -250,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     command = " ".join(["python", "benchmarks/threads.py", *(sys.argv[1:] if argv is None else argv)])
     result: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": args.quick,
-        "command": command, "git_commit": git_commit(), "versions": versions(),
+        "command": command, "git_commit": git_commit(), "versions": runner_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "usable_cores": cores},
         "settings": {"cases": cases, "conditions": conditions, "threads": counts, "reps": reps, "busy": args.busy,

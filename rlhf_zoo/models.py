@@ -8,6 +8,7 @@ read at its last real token from the attention mask, never from ``id == pad`` (p
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from rlhf_zoo.ops.kv_cache import cache_argument
+from rlhf_zoo.ops.kv_cache import NEW_NAME, OLD_NAME, cache_argument
 from rlhf_zoo.ops.logprobs import PLAIN_HEAD_MODEL_TYPES, pack_rows
 from rlhf_zoo.ops.masking import position_ids_from_mask
 
@@ -156,8 +157,14 @@ def supports_shared_prompt(model: torch.nn.Module) -> bool:
     architecture (causal attention, a KV cache; the allow-list of `rlhf_zoo.ops.logprobs`). Anything
     else (an encoder such as BERT, remote code) scores whole rows with `reward_scores`."""
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and \
-        cache_argument(model.base_model) in inspect.signature(type(model.base_model).forward).parameters
+    return getattr(config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and _cached_decoder(type(model.base_model))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_decoder(cls: type) -> bool:
+    """A transformers decoder class (not remote code) whose forward takes the KV cache (checked once per class)."""
+    params = inspect.signature(cls.forward).parameters
+    return cls.__module__.startswith("transformers.") and (NEW_NAME in params or OLD_NAME in params)
 
 
 def reward_scores_shared_prompt(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,

@@ -13,6 +13,7 @@ from rlhf_zoo import threads as T
 from rlhf_zoo.cli import build_cli, main
 from rlhf_zoo.errors import ConfigError
 from rlhf_zoo.registry import ENV_BLOCK, ENV_DISABLE_AUTOLOAD, get_registry
+from test_cli import one_line_error
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +27,6 @@ def _plain(monkeypatch, tmp_path):
     torch.set_num_threads(before)
     monkeypatch.undo()
     get_registry(refresh=True)
-
-
-def one_line_error(capsys) -> str:
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("zoo: error: ") and "Traceback" not in err + out
-    return lines[0]
 
 
 # --- parsing ---------------------------------------------------------------------------------------------
